@@ -10,12 +10,14 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
 )
 
 from .configuration_lumina_mgpt import LuminaMGPTConfig, LuminaMGPTVQConfig
 from .image_processing_lumina_mgpt import LuminaMGPTImageProcessor
 from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration, LuminaMGPTModel, LuminaMGPTPreTrainedModel
 from .modeling_vqgan import LuminaMGPTVQGAN
+from .processing_lumina_mgpt import LuminaMGPTProcessor, text_to_image_prompt
 
 __version__ = "0.1.0"
 
@@ -26,7 +28,8 @@ def _register() -> None:
     AutoModel.register(LuminaMGPTConfig, LuminaMGPTModel, exist_ok=True)
     AutoModelForImageTextToText.register(LuminaMGPTConfig, LuminaMGPTForConditionalGeneration, exist_ok=True)
     AutoModelForCausalLM.register(LuminaMGPTConfig, LuminaMGPTForConditionalGeneration, exist_ok=True)
-    AutoImageProcessor.register(LuminaMGPTConfig, slow_image_processor_class=LuminaMGPTImageProcessor, exist_ok=True)
+    AutoImageProcessor.register(LuminaMGPTConfig, image_processor_classes={"pil": LuminaMGPTImageProcessor}, exist_ok=True)
+    AutoProcessor.register(LuminaMGPTConfig, LuminaMGPTProcessor, exist_ok=True)
 
 
 _register()
@@ -39,4 +42,6 @@ __all__ = [
     "LuminaMGPTModel",
     "LuminaMGPTPreTrainedModel",
     "LuminaMGPTVQGAN",
+    "LuminaMGPTProcessor",
+    "text_to_image_prompt",
 ]
