@@ -17,6 +17,7 @@ from .configuration_lumina_mgpt import LuminaMGPTConfig, LuminaMGPTVQConfig
 from .image_processing_lumina_mgpt import LuminaMGPTImageProcessor
 from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration, LuminaMGPTModel, LuminaMGPTPreTrainedModel
 from .modeling_vqgan import LuminaMGPTVQGAN
+from .pipeline_lumina_mgpt import LuminaMGPTPipeline, LuminaMGPTPipelineOutput
 from .processing_lumina_mgpt import LuminaMGPTProcessor, text_to_image_prompt
 
 __version__ = "0.1.0"
@@ -44,4 +45,6 @@ __all__ = [
     "LuminaMGPTVQGAN",
     "LuminaMGPTProcessor",
     "text_to_image_prompt",
+    "LuminaMGPTPipeline",
+    "LuminaMGPTPipelineOutput",
 ]

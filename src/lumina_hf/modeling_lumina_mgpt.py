@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import ChameleonModel, ChameleonPreTrainedModel, GenerationMixin
+# diffusers' pipeline loader finds a component's load method by looking up its base class by name in the
+# component's module: keep `PreTrainedModel` importable from here.
+from transformers import PreTrainedModel  # noqa: F401
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_lumina_mgpt import LuminaMGPTConfig
@@ -48,6 +52,14 @@ class GroupedHeadLayerNorm(nn.Module):
         return f"groups={self.groups}, num_heads={self.num_heads}, head_dim={self.weight.shape[-1]}"
 
 
+def _image_code_tables(config: LuminaMGPTConfig) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """(code -> token id, token id -> code or -1) lookup tables built from `config.vocabulary_map`."""
+    table = torch.tensor(config.image_code_to_token_id(), dtype=torch.long)
+    inverse = torch.full((config.vocab_size,), -1, dtype=torch.long)
+    inverse[table] = torch.arange(table.numel())
+    return table, inverse
+
+
 def _residual_dropout_hook(module: nn.Module, args, output):
     """Forward hook: dropout on a sub-layer's output before the residual add (training only)."""
     p = module.residual_dropout_p
@@ -67,6 +79,51 @@ class LuminaMGPTPreTrainedModel(ChameleonPreTrainedModel):
     _no_split_modules = ["ChameleonDecoderLayer", "ChameleonSwinDecoderLayer", "LuminaMGPTVQGAN"]
     # The VQGAN is kept in float32 whatever dtype is asked for (the reference runs it in fp32).
     _keep_in_fp32_modules_strict = ["vqmodel"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # Non-persistent buffers are not in checkpoints: `from_pretrained` builds the model without running
+        # `__init__`'s tensor code for real, so the code<->id tables must be (re)computed here.
+        if isinstance(module, LuminaMGPTModel):
+            table, inverse = _image_code_tables(module.config)
+            init.copy_(module.image_code_to_id, table)
+            init.copy_(module.image_id_to_code, inverse)
+
+    # ------------------------------------------------------------------ loading / saving
+    def _vqmodel_prefix(self) -> str | None:
+        """State-dict prefix of the VQGAN (`model.vqmodel.` or `vqmodel.`), None if this model has none."""
+        for name, module in self.named_modules():
+            if isinstance(module, LuminaMGPTVQGAN):
+                return name + "."
+        return None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        prefix = model._vqmodel_prefix()
+        if prefix is None:
+            return (model, info) if want_info else model
+        missing = tuple(sorted(k[len(prefix) :] for k in info.get("missing_keys", ()) if k.startswith(prefix)))
+        model.get_submodule(prefix[:-1]).missing_weights = missing
+        if missing:
+            logger.warning(
+                "%s has no VQGAN weights (%d tensors missing, e.g. %s): the language model is loaded, but "
+                "encoding/decoding images needs Meta's Chameleon VQGAN. Convert with `lumina-hf convert "
+                "--checkpoint ... --vqgan <dir with vqgan.yaml and vqgan.ckpt>`.",
+                pretrained_model_name_or_path,
+                len(missing),
+                missing[0],
+            )
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A VQGAN that was never loaded is random: do not write it (a reload then reports it missing again
+        # instead of silently decoding noise).
+        prefix = self._vqmodel_prefix()
+        if prefix is not None and self.get_submodule(prefix[:-1]).missing_weights and "state_dict" not in kwargs:
+            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if not k.startswith(prefix)}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class LuminaMGPTModel(ChameleonModel, LuminaMGPTPreTrainedModel):
@@ -92,9 +149,7 @@ class LuminaMGPTModel(ChameleonModel, LuminaMGPTPreTrainedModel):
                     sub.residual_dropout_p = float(config.dropout)
                     sub.register_forward_hook(_residual_dropout_hook)
 
-        table = torch.tensor(config.image_code_to_token_id(), dtype=torch.long)
-        inverse = torch.full((config.vocab_size,), -1, dtype=torch.long)
-        inverse[table] = torch.arange(table.numel())
+        table, inverse = _image_code_tables(config)
         self.register_buffer("image_code_to_id", table, persistent=False)
         self.register_buffer("image_id_to_code", inverse, persistent=False)
         self.post_init()
@@ -136,32 +191,6 @@ class LuminaMGPTForConditionalGeneration(LuminaMGPTPreTrainedModel, GenerationMi
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    # ------------------------------------------------------------------ loading / saving
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        prefix = "model.vqmodel."
-        missing = tuple(sorted(k[len(prefix) :] for k in info.get("missing_keys", ()) if k.startswith(prefix)))
-        model.model.vqmodel.missing_weights = missing
-        if missing:
-            logger.warning(
-                "%s has no VQGAN weights (%d tensors missing, e.g. %s): the language model is loaded, but "
-                "encoding/decoding images needs Meta's Chameleon VQGAN. Convert with `lumina-hf convert "
-                "--checkpoint ... --vqgan <dir with vqgan.yaml and vqgan.ckpt>`.",
-                pretrained_model_name_or_path,
-                len(missing),
-                missing[0],
-            )
-        return (model, info) if want_info else model
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # A VQGAN that was never loaded is random: do not write it (a reload then reports it missing again
-        # instead of silently decoding noise).
-        if self.model.vqmodel.missing_weights and "state_dict" not in kwargs:
-            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if not k.startswith("model.vqmodel.")}
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ------------------------------------------------------------------ images <-> tokens
     @property

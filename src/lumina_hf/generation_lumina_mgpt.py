@@ -1,0 +1,347 @@
+"""Guided image decoding for Lumina-mGPT (SPEC.md section 6), on public transformers APIs only
+(the model's `forward`, `StaticCache`, `LogitsProcessor`).
+
+Why our own loop instead of `model.generate(guidance_scale=...)`: transformers runs the unconditional
+branch as a second, eager forward per step (the reference's cost: the weights are read twice per step).
+Here the conditional and unconditional rows are one left-padded batch with one static KV cache, the grid
+constraint is computed from the step index alone (no host synchronisation), and the sampler only looks at
+the image-code logits inside an image.
+
+Sampling uses the Gumbel-max form of multinomial sampling: `argmax(log_softmax(z / T) - log(-log U))`
+with `U` uniform noise drawn per row and per step from that row's `torch.Generator` over the codebook (in
+code order). It samples exactly the softmax distribution, and makes a row's result independent of the
+batch it is in (given a per-row generator) and reproducible by a plain reference loop.
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessor, StaticCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageGenerationOutput:
+    """`sequences`: `(batch, span)` UniRep spans `[start, h, w, grid..., end]` (a list of 1-D tensors when
+    the rows have different sizes); `sizes`: `(height, width)` in pixels per row; `interrupted`: True when a
+    callback stopped the loop early (the spans are then incomplete)."""
+
+    sequences: torch.Tensor | list[torch.Tensor]
+    sizes: list[tuple[int, int]]
+    interrupted: bool = False
+
+
+def normalize_generators(generator, batch_size: int) -> list[torch.Generator] | torch.Generator | None:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch_size:
+            raise ValueError(
+                f"got a list of {len(generator)} generators for {batch_size} images: give one per image "
+                "(prompts x num_images_per_prompt) or a single generator."
+            )
+        return list(generator)
+    return generator
+
+
+def draw_uniform(generator, rows: int, n: int, device) -> torch.Tensor:
+    """`(rows, n)` uniform noise in (0, 1): one draw of `n` per row from that row's generator, or one
+    `(rows, n)` draw from a single generator."""
+    if isinstance(generator, list):
+        u = torch.stack([torch.rand(n, generator=g, device=g.device) for g in generator]).to(device)
+    else:
+        gen_device = generator.device if generator is not None else device
+        u = torch.rand((rows, n), generator=generator, device=gen_device).to(device)
+    return u.clamp_(min=torch.finfo(u.dtype).tiny)
+
+
+def gumbel_sample(logits: torch.Tensor, uniform: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Index sampled from `softmax(logits / temperature)` (rows), using the given uniform noise. Entries at
+    -inf (filtered by top-k or a constraint) are never chosen."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.argmax(logp - torch.log(-torch.log(uniform)), dim=-1)
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    if k is None or k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def grid_tokens(rows: int, cols: int) -> int:
+    """Tokens after the size tokens: every row plus its row end, then the image end."""
+    return rows * (cols + 1) + 1
+
+
+class UniRepLogitsProcessor(LogitsProcessor):
+    """Grid constraint and interleaved top-k for `model.generate` (no guidance): inside an open image (after
+    `<racm3:break>` and before `<eoss>`), the two size tokens are limited to size ids and sampled with
+    `image_top_k`, then each row allows only image codes and ends with the row-end token, and the last row
+    is followed by the end token; outside images, `text_top_k` applies. Everything is computed with tensor
+    ops on `input_ids` (no host synchronisation)."""
+
+    def __init__(self, config, image_top_k: int | None = 2000, text_top_k: int | None = 10):
+        self.cfg = config
+        self.image_top_k, self.text_top_k = image_top_k, text_top_k
+        self.code_ids = None
+
+    def _codes_mask(self, vocab: int, device) -> torch.Tensor:
+        if self.code_ids is None or self.code_ids.device != device:
+            table = torch.tensor(self.cfg.image_code_to_token_id(), device=device)
+            self.code_ids = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.code_ids[table] = True
+        return self.code_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        cfg = self.cfg
+        b, n = input_ids.shape
+        vocab = scores.shape[-1]
+        idx = torch.arange(n, device=input_ids.device).expand(b, n)
+        last_start = torch.where(input_ids == cfg.image_start_token_id, idx, -1).max(dim=1).values
+        last_end = torch.where(input_ids == cfg.image_end_token_id, idx, -1).max(dim=1).values
+        open_image = last_start > last_end
+        k = (n - 1 - last_start).clamp(min=0)  # tokens generated after the start token
+        start_c = last_start.clamp(min=0)
+        h_tok = input_ids.gather(1, (start_c + 1).clamp(max=n - 1).unsqueeze(1)).squeeze(1)
+        w_tok = input_ids.gather(1, (start_c + 2).clamp(max=n - 1).unsqueeze(1)).squeeze(1)
+        f = cfg.patch_size // 16
+        rows = (h_tok - cfg.size_token_base_id).clamp(min=1) * f
+        cols = (w_tok - cfg.size_token_base_id).clamp(min=1) * f
+        pos = k - 2  # position inside the grid
+        in_size = open_image & (k < 2)
+        in_grid = open_image & (k >= 2)
+        total = rows * (cols + 1)
+        is_row_end = in_grid & (pos < total) & ((pos % (cols + 1)) == cols)
+        is_end = in_grid & (pos >= total)
+        is_code = in_grid & ~is_row_end & ~is_end
+
+        allowed = torch.ones_like(scores, dtype=torch.bool)
+        vid = torch.arange(vocab, device=scores.device)
+        size_ok = (vid > cfg.size_token_base_id) & (vid <= cfg.size_token_base_id + cfg.max_size_units)
+        allowed = torch.where(in_size[:, None], size_ok[None], allowed)
+        allowed = torch.where(is_code[:, None], self._codes_mask(vocab, scores.device)[None], allowed)
+        allowed = torch.where(is_row_end[:, None], (vid == cfg.image_row_end_token_id)[None], allowed)
+        allowed = torch.where(is_end[:, None], (vid == cfg.image_end_token_id)[None], allowed)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if self.image_top_k or self.text_top_k:
+            img = top_k_filter(scores, self.image_top_k)
+            txt = top_k_filter(scores, self.text_top_k)
+            scores = torch.where(open_image[:, None], img, txt)
+        return scores
+
+
+def _left_pad(contexts: list[list[int]], pad_id: int, total: int, device):
+    """Left-padded `(R, L)` ids, a `(R, total)` attention mask (ones after the prompt) and position ids."""
+    n = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), n), pad_id, dtype=torch.long)
+    mask = torch.ones((len(contexts), total), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, n - len(c) :] = torch.tensor(c, dtype=torch.long)
+        mask[i, : n - len(c)] = 0
+    pos = (mask[:, :n].cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+class _DecodeStep:
+    """One decoding step `(token (R, 1), position (R, 1)) -> logits (R, vocab)` against a static cache.
+    Optionally `torch.compile`d: every input has a fixed shape, so it compiles once per batch size."""
+
+    def __init__(self, model, compile: bool | str = False):
+        self.model = model
+        fn = self._step
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            fn = torch.compile(fn, mode=mode, fullgraph=False, dynamic=False)
+        self.fn = fn
+
+    def _step(self, token, position, mask, cache):
+        out = self.model(
+            input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        )
+        return out.logits[:, -1]
+
+    def __call__(self, token, position, mask, cache):
+        return self.fn(token, position, mask, cache)
+
+
+def _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator, device) -> list[tuple[int, int]]:
+    """The reference lets the model write the two size tokens (no guidance, image top-k). We do the same on
+    the conditional rows, limited to valid size ids (an id below the size range would give a negative grid)."""
+    cfg = model.config
+    contexts = [list(p) + [cfg.image_start_token_id] for p in prompts]
+    ids, mask, pos = _left_pad(contexts, cfg.pad_token_id, max(len(c) for c in contexts), device)
+    lo, hi = cfg.size_token_base_id + 1, cfg.size_token_base_id + cfg.max_size_units
+    picked = []
+    for _ in range(2):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        vocab = logits.shape[-1]
+        allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
+        allowed[lo : hi + 1] = True
+        logits = top_k_filter(logits.masked_fill(~allowed, float("-inf")), image_top_k)
+        if do_sample:
+            tok = gumbel_sample(logits, draw_uniform(generator, len(prompts), vocab, device), temperature)
+        else:
+            tok = logits.argmax(-1)
+        picked.append(tok)
+        ids = torch.cat([ids, tok[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(tok[:, None])], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+    f = cfg.patch_size
+    return [((int(h) - cfg.size_token_base_id) * f, (int(w) - cfg.size_token_base_id) * f) for h, w in zip(*picked)]
+
+
+@torch.no_grad()
+def generate_image_tokens(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompts: Sequence[Sequence[int]] | None = None,
+    guidance_scale: float = 4.0,
+    image_top_k: int | None = 2000,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    force_size: bool = True,
+    compile: bool | str = False,
+    callback: Callable[[int, torch.Tensor], bool] | None = None,
+    progress_bar=None,
+) -> ImageGenerationOutput:
+    """Generate one image per prompt with classifier-free guidance (SPEC.md section 6).
+
+    Args:
+        prompts: token id lists, each the full conditional context up to and including the last user
+            separator (`<s>...<reserved08706>`); the image prefix is appended here.
+        height, width: pixels (multiples of the 32 px grid unit). Forced as the size tokens when
+            `force_size`; otherwise the model samples them as in the reference.
+        negative_prompts: per-prompt unconditional context before the image prefix (default: none, i.e.
+            the unconditional row is the image alone `[<racm3:break>, h, w, ...]`, positions from 0).
+        guidance_scale: `uncond + g * (cond - uncond)` on raw logits inside the image; 1.0 skips the
+            unconditional rows.
+        image_top_k, temperature, do_sample: sampling after guidance and the grid constraint.
+        generator: one `torch.Generator`, or a list with one per prompt (results then do not depend on
+            the batch a prompt is in).
+        compile: `torch.compile` the decode step (`True` or a mode such as "reduce-overhead").
+        callback: `callback(step, tokens_so_far) -> stop`; returning True interrupts the loop.
+        progress_bar: an object with `update(n)` (e.g. a tqdm bar).
+    """
+    cfg = model.config
+    if not prompts:
+        raise ValueError("no prompts given.")
+    batch = len(prompts)
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+    if image_top_k is not None and image_top_k < 1:
+        raise ValueError(f"image_top_k must be >= 1 (or None for no top-k), got {image_top_k}.")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.")
+    if negative_prompts is not None and len(negative_prompts) != batch:
+        raise ValueError(f"{len(negative_prompts)} negative prompts for {batch} prompts: give one per prompt.")
+    generator = normalize_generators(generator, batch)
+    device = model.device
+    patch = cfg.patch_size
+    f = model.vqmodel.downsample_factor
+
+    if force_size:
+        if height is None or width is None:
+            raise ValueError("height and width are required when force_size=True.")
+        for name, v in (("height", height), ("width", width)):
+            if v % patch or not 1 <= v // patch <= cfg.max_size_units:
+                raise ValueError(f"{name}={v} must be a multiple of {patch} px between {patch} and {patch * cfg.max_size_units}.")
+        sizes = [(height, width)] * batch
+    else:
+        sizes = _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator, device)
+
+    rows = torch.tensor([h // f for h, _ in sizes], device=device)
+    cols = torch.tensor([w // f for _, w in sizes], device=device)
+    uniform = bool((rows == rows[0]).all() and (cols == cols[0]).all())
+    span = [grid_tokens(h // f, w // f) for h, w in sizes]
+    n_steps = max(span)
+    prefixes = [[cfg.image_start_token_id, cfg.size_token_id(h // patch), cfg.size_token_id(w // patch)] for h, w in sizes]
+
+    use_cfg = guidance_scale != 1.0
+    contexts = [list(p) + pre for p, pre in zip(prompts, prefixes)]
+    if use_cfg:
+        negs = negative_prompts or [[] for _ in range(batch)]
+        contexts += [list(n) + pre for n, pre in zip(negs, prefixes)]
+    if max(len(c) for c in contexts) + n_steps > cfg.max_position_embeddings:
+        raise ValueError(
+            f"the prompt ({max(len(c) for c in contexts)} tokens) plus the image ({n_steps} tokens) exceed the "
+            f"model's context of {cfg.max_position_embeddings} tokens: shorten the prompt or ask for a smaller image."
+        )
+    prompt_len = max(len(c) for c in contexts)
+    total = prompt_len + n_steps
+    ids, mask, pos = _left_pad(contexts, cfg.pad_token_id, total, device)
+
+    # Image codes in code order: the sampler works on this gathered slice of the vocabulary.
+    code_ids = model.model.image_code_to_id.to(device)
+    n_codes = code_ids.numel()
+    out_tokens = torch.full((batch, n_steps), cfg.image_end_token_id, dtype=torch.long, device=device)
+    row_end = torch.full((batch,), cfg.image_row_end_token_id, dtype=torch.long, device=device)
+    end = torch.full((batch,), cfg.image_end_token_id, dtype=torch.long, device=device)
+
+    cache = StaticCache(config=cfg, max_cache_len=total)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+    ).logits[:, -1]
+    step_fn = _DecodeStep(model, compile)
+    position = pos[:, -1:]
+    interrupted = False
+    for s in range(n_steps):
+        # Which kind of token each row needs at grid position s (host-side ints when sizes are uniform).
+        if uniform:
+            c0, t0 = int(cols[0]), int(rows[0]) * (int(cols[0]) + 1)
+            kind = "end" if s >= t0 else ("row_end" if s % (c0 + 1) == c0 else "code")
+        else:
+            kind = "mixed"
+        # Noise is drawn at every grid position before the end token (row ends included), so a row's draws
+        # do not depend on the sizes of the other rows in the batch.
+        noise = draw_uniform(generator, batch, n_codes, device) if do_sample and kind != "end" else None
+        if kind in ("code", "mixed"):
+            code_logits = logits.index_select(-1, code_ids).float()
+            if use_cfg:
+                cond, unc = code_logits[:batch], code_logits[batch:]
+                code_logits = unc + guidance_scale * (cond - unc)
+            code_logits = top_k_filter(code_logits, image_top_k)
+            choice = gumbel_sample(code_logits, noise, temperature) if do_sample else code_logits.argmax(-1)
+            token = code_ids[choice]
+            if kind == "mixed":
+                token = torch.where(s % (cols + 1) == cols, row_end, token)
+                token = torch.where(rows * (cols + 1) <= s, end, token)
+        else:
+            token = row_end if kind == "row_end" else end
+        out_tokens[:, s] = token
+        if progress_bar is not None:
+            progress_bar.update(1)
+        if callback is not None and callback(s, out_tokens[:, : s + 1]):
+            interrupted = s + 1 < n_steps
+            break
+        if s + 1 == n_steps or (uniform and kind == "row_end" and s + 2 == n_steps):
+            # the final row end is followed by the forced end token: no forward needed for it
+            if s + 1 < n_steps:
+                out_tokens[:, s + 1] = end
+            break
+        feed = token.repeat(2) if use_cfg else token
+        position = position + 1
+        logits = step_fn(feed[:, None], position, mask, cache)
+
+    prefix = torch.tensor(prefixes, dtype=torch.long, device=device)
+    if uniform:
+        sequences = torch.cat([prefix, out_tokens], dim=1)
+    else:
+        sequences = [torch.cat([prefix[b], out_tokens[b, : span[b]]]) for b in range(batch)]
+    return ImageGenerationOutput(sequences=sequences, sizes=sizes, interrupted=interrupted)
+
+
+__all__ = [
+    "ImageGenerationOutput",
+    "UniRepLogitsProcessor",
+    "generate_image_tokens",
+    "gumbel_sample",
+    "draw_uniform",
+    "top_k_filter",
+]

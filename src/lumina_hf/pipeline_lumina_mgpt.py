@@ -1,0 +1,307 @@
+"""`LuminaMGPTPipeline`: the diffusers pipeline for Lumina-mGPT (text-to-image and Omni image tasks)."""
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from .generation_lumina_mgpt import UniRepLogitsProcessor, generate_image_tokens, grid_tokens
+from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
+from .processing_lumina_mgpt import IMAGE_MARKER, OMNI_TASK_PROMPTS, LuminaMGPTProcessor, text_to_image_prompt
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from lumina_hf import LuminaMGPTPipeline
+
+        >>> pipe = LuminaMGPTPipeline.from_pretrained("path/or/hub-id", torch_dtype=torch.bfloat16).to("cuda")
+        >>> image = pipe("a red circle on a blue background", height=768, width=768,
+        ...              generator=torch.Generator("cuda").manual_seed(0)).images[0]
+        >>> depth = pipe(image=image, task="depth").images[0]
+        ```
+"""
+
+# Omni tasks whose output is an image; "describe" answers in text.
+IMAGE_TASKS = ("depth", "segmentation", "normal", "pose", "detection", "editing", "condition")
+TEXT_TASKS = ("describe",)
+DEFAULTS = {"guidance_scale": 4.0, "image_top_k": 2000, "text_top_k": 10, "temperature": 1.0}
+OMNI_DEFAULTS = {"guidance_scale": 1.0, "image_top_k": 200}
+
+
+@dataclass
+class LuminaMGPTPipelineOutput(BaseOutput):
+    """`images`: list of PIL images, or an array/tensor per `output_type` (token grids for "latent");
+    `text`: the text answers (task "describe"), else None."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    text: list[str] | None = None
+
+
+class LuminaMGPTPipeline(DiffusionPipeline):
+    r"""
+    Text-to-image and Omni (image-to-image, description) generation with Lumina-mGPT.
+
+    Components: `model` ([`LuminaMGPTForConditionalGeneration`]), `processor` ([`LuminaMGPTProcessor`]).
+    Generation is token by token with batched classifier-free guidance and a static KV cache
+    (`lumina_hf.generation_lumina_mgpt.generate_image_tokens`); images are decoded by the model's VQGAN.
+    """
+
+    model_cpu_offload_seq = "model"
+    _callback_tensor_inputs = ["tokens"]
+
+    def __init__(self, model: LuminaMGPTForConditionalGeneration, processor: LuminaMGPTProcessor):
+        super().__init__()
+        self.register_modules(model=model, processor=processor)
+
+    # ------------------------------------------------------------------ helpers
+    def _default(self, name: str, task: str | None):
+        if task in IMAGE_TASKS and name in OMNI_DEFAULTS:
+            return OMNI_DEFAULTS[name]
+        gen = getattr(self.model, "generation_config", None)
+        value = getattr(gen, name, None) if gen is not None else None
+        return DEFAULTS[name] if value is None else value
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    def check_inputs(
+        self, prompt, negative_prompt, height, width, guidance_scale, num_images_per_prompt, generator, top_k,
+        temperature, image, task, output_type, callback_on_step_end_tensor_inputs,
+    ) -> None:
+        if task is not None and task not in IMAGE_TASKS + TEXT_TASKS:
+            raise ValueError(f"task={task!r} is not one of {', '.join(IMAGE_TASKS + TEXT_TASKS)}.")
+        if task is not None and image is None:
+            raise ValueError(f"task={task!r} needs an input image: pass `image=`.")
+        if task in ("editing", "condition", "detection") and prompt is None:
+            raise ValueError(f"task={task!r} needs `prompt` (the instruction, caption or object).")
+        if task is None and prompt is None:
+            raise ValueError("give a `prompt` (or an `image` with a `task`).")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        if height is not None or width is not None:
+            if height is None or width is None:
+                raise ValueError("give both height and width, or neither.")
+            self.processor.image_processor.check_size(width, height)
+        n = (len(prompt) if isinstance(prompt, list) else 1) if prompt is not None else (
+            len(image) if isinstance(image, list) else 1
+        )
+        if isinstance(negative_prompt, list) and len(negative_prompt) != n:
+            raise ValueError(f"{len(negative_prompt)} negative prompts for {n} prompts: give one per prompt or a string.")
+        if isinstance(generator, list) and len(generator) != n * num_images_per_prompt:
+            raise ValueError(
+                f"got {len(generator)} generators for {n * num_images_per_prompt} images "
+                f"({n} prompts x {num_images_per_prompt}): give one per image or a single generator."
+            )
+        if callback_on_step_end_tensor_inputs is not None:
+            bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if bad:
+                raise ValueError(f"callback tensor inputs {bad} are not among {self._callback_tensor_inputs}.")
+
+    def _task_text(self, task: str, prompt: str | None) -> str:
+        if task == "editing":
+            instruction = prompt
+        elif task == "condition":
+            instruction = OMNI_TASK_PROMPTS["condition"].format(caption=prompt)
+        elif task == "detection":
+            instruction = OMNI_TASK_PROMPTS["detection"].format(object=prompt)
+        else:
+            instruction = OMNI_TASK_PROMPTS[task]
+        return f"{instruction} {IMAGE_MARKER}"
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        image=None,
+        task: str | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        force_size: bool = True,
+        compile: bool | str = False,
+        max_new_tokens: int = 256,
+    ):
+        r"""
+        Generate images (or, for `task="describe"`, text).
+
+        Args:
+            prompt: caption(s) for text-to-image; for Omni tasks the instruction (editing), caption
+                (condition) or object (detection).
+            negative_prompt: unconditional context (its turn + the image prefix) instead of the image alone.
+            height, width: pixels, one of the model's buckets (default: the square of its target size;
+                for Omni tasks the input image's bucket).
+            guidance_scale: classifier-free guidance (default 4.0; 1.0 for Omni tasks, which skips the
+                unconditional rows).
+            num_images_per_prompt, generator: a generator or one per image, for reproducible results.
+            temperature, top_k: sampling (top-k inside images; defaults 1.0 and 2000, Omni 200).
+            image, task: input image(s) and one of "depth", "segmentation", "normal", "pose", "detection",
+                "editing", "condition", "describe".
+            output_type: "pil", "np" (float [0, 1], `(B, H, W, 3)`), "pt" (float [0, 1], `(B, 3, H, W)`) or
+                "latent" (the `(B, rows, cols)` image-code token grids).
+            callback_on_step_end: `fn(pipe, step, step, callback_kwargs) -> dict`, called after each token;
+                set `pipe._interrupt = True` in it to stop (the images are then not decoded).
+            force_size: write the size tokens for `height`/`width` (default) or let the model sample them.
+            compile: `torch.compile` the decoding step.
+
+        Returns:
+            `LuminaMGPTPipelineOutput` (or a tuple `(images,)` with `return_dict=False`).
+        """
+        guidance_scale = self._default("guidance_scale", task) if guidance_scale is None else guidance_scale
+        temperature = self._default("temperature", task) if temperature is None else temperature
+        image_top_k = (self._default("image_top_k", task) if task != "describe" else None) if top_k is None else top_k
+        self.check_inputs(
+            prompt, negative_prompt, height, width, guidance_scale, num_images_per_prompt, generator, top_k,
+            temperature, image, task, output_type, callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
+        proc = self.processor
+        prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
+        images = None
+        if image is not None:
+            images = image if isinstance(image, list) else [image]
+            if prompt is None:
+                prompts = [None] * len(images)
+            elif len(images) != len(prompts):
+                raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image per prompt.")
+
+        if task == "describe":
+            return self._describe(images, num_images_per_prompt, temperature, top_k, generator, max_new_tokens, return_dict)
+
+        # Prompts as token ids (images VQ-encoded here, so the ids are final).
+        sizes = []
+        cond = []
+        for i, p in enumerate(prompts):
+            if task is not None:
+                feats = proc.image_processor([images[i]])
+                h, w = feats["pixel_values"].shape[-2:]
+                h, w = (h, w) if height is None else (height, width)
+                text = self._task_text(task, p)
+                ids = proc(text=text, images=[images[i]], vq_model=self.model, return_tensors=None)["input_ids"][0]
+            else:
+                h = height or proc.image_processor.target_size
+                w = width or proc.image_processor.target_size
+                ids = proc(text=text_to_image_prompt(p, w, h), return_tensors=None)["input_ids"][0]
+            sizes.append((h, w))
+            cond.append(ids)
+        if len(set(sizes)) > 1:
+            raise ValueError(f"all images of one call must share a size, got {sorted(set(sizes))}: pass height/width.")
+        h, w = sizes[0]
+        negs = None
+        if negative_prompt is not None:
+            neg_list = [negative_prompt] * len(cond) if isinstance(negative_prompt, str) else list(negative_prompt)
+            negs = [proc(text=n, return_tensors=None)["input_ids"][0] for n in neg_list]
+
+        cond = [c for c in cond for _ in range(num_images_per_prompt)]
+        if negs is not None:
+            negs = [n for n in negs for _ in range(num_images_per_prompt)]
+
+        f = self.model.vqmodel.downsample_factor
+        total = grid_tokens(h // f, w // f)
+
+        def on_step(step, tokens):
+            if callback_on_step_end is not None:
+                kwargs = {"tokens": tokens} if callback_on_step_end_tensor_inputs else {}
+                callback_on_step_end(self, step, step, kwargs)
+            return self.interrupt
+
+        with self.progress_bar(total=total) as bar:
+            out = generate_image_tokens(
+                self.model,
+                cond,
+                height=h,
+                width=w,
+                negative_prompts=negs,
+                guidance_scale=guidance_scale,
+                image_top_k=image_top_k,
+                temperature=temperature,
+                generator=generator,
+                force_size=force_size,
+                compile=compile,
+                callback=on_step,
+                progress_bar=bar,
+            )
+        if out.interrupted:
+            self.maybe_free_model_hooks()
+            return LuminaMGPTPipelineOutput(images=[]) if return_dict else ([],)
+
+        seqs = out.sequences if isinstance(out.sequences, list) else list(out.sequences)
+        grids = [proc.extract_image_tokens(s.tolist())[0] for s in seqs]
+        if output_type == "latent":
+            result = grids if len({tuple(g.shape) for g in grids}) > 1 else torch.stack(grids)
+        else:
+            decoded = []
+            for g in grids:
+                pixels = self.model.decode_image_tokens(g.unsqueeze(0).to(self.model.device))
+                decoded.append(proc.image_processor.postprocess(pixels, "pt")[0])
+            if output_type == "pil":
+                result = [PIL.Image.fromarray(d.permute(1, 2, 0).numpy(), "RGB") for d in decoded]
+            else:
+                same = len({tuple(d.shape) for d in decoded}) == 1
+                stacked = [d.float() / 255.0 for d in decoded]
+                if output_type == "pt":
+                    result = torch.stack(stacked) if same else stacked
+                else:
+                    arrs = [s.permute(1, 2, 0).numpy() for s in stacked]
+                    result = np.stack(arrs) if same else arrs
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (result,)
+        return LuminaMGPTPipelineOutput(images=result)
+
+    def _describe(self, images, num_images_per_prompt, temperature, top_k, generator, max_new_tokens, return_dict):
+        proc = self.processor
+        text = self._task_text("describe", None)
+        ids = [proc(text=text, images=[im], vq_model=self.model, return_tensors=None)["input_ids"][0] for im in images]
+        ids = [x for x in ids for _ in range(num_images_per_prompt)]
+        batch = proc.pad(ids, side="left")
+        if generator is not None:
+            seed_gen = generator[0] if isinstance(generator, list) else generator
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=seed_gen)))
+        processor = UniRepLogitsProcessor(self.model.config, self._default("image_top_k", None), top_k or self._default("text_top_k", None))
+        out = self.model.generate(
+            input_ids=batch["input_ids"].to(self.model.device),
+            attention_mask=batch["attention_mask"].to(self.model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=None,
+            logits_processor=[processor],
+            eos_token_id=self.model.config.separator_token_id,
+            pad_token_id=self.model.config.pad_token_id,
+        )
+        texts = proc.batch_decode(out[:, batch["input_ids"].shape[1] :])
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (texts,)
+        return LuminaMGPTPipelineOutput(images=[], text=texts)
+
+
+__all__ = ["LuminaMGPTPipeline", "LuminaMGPTPipelineOutput"]
