@@ -319,8 +319,8 @@ def test_cli_generate_writes_image(tmp_path):
     from lumina_hf.cli import main
 
     out = tmp_path / "x.png"
-    assert main(["generate", "a red circle", "--model", "tiny-random", "--height", "128", "--width", "256", "-o", str(out)]) == 0
-    assert Image.open(out).size == (256, 128)
+    assert main(["generate", "a red circle", "--model", "tiny-random", "--height", "160", "--width", "320", "-o", str(out)]) == 0
+    assert Image.open(out).size == (320, 160)
     with pytest.raises(SystemExit, match="not one of"):
         main(["generate", "a", "--model", "tiny-random", "--height", "40", "--width", "64", "-o", str(tmp_path / "y.png")])
     assert not (tmp_path / "y.png").exists()
