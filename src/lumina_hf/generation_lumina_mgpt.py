@@ -146,11 +146,14 @@ def _left_pad(contexts: list[list[int]], pad_id: int, total: int, device):
 
 
 class _DecodeStep:
-    """One decoding step `(token (R, 1), position (R, 1)) -> logits (R, vocab)` against a static cache.
-    Optionally `torch.compile`d: every input has a fixed shape, so it compiles once per batch size."""
+    """One decoding step `(token (R, 1), position (R, 1)) -> image-code logits (R, n_codes)` against a static
+    cache. Only the lm_head rows of the image codes are applied (inside an image nothing else can be
+    sampled), which skips most of the 65536-wide head. Optionally `torch.compile`d: every input has a fixed
+    shape, so it compiles once per batch size."""
 
-    def __init__(self, model, compile: bool | str = False):
+    def __init__(self, model, code_ids: torch.Tensor, compile: bool | str = False):
         self.model = model
+        self.head = model.lm_head.weight.index_select(0, code_ids)
         fn = self._step
         if compile:
             mode = compile if isinstance(compile, str) else None
@@ -158,10 +161,10 @@ class _DecodeStep:
         self.fn = fn
 
     def _step(self, token, position, mask, cache):
-        out = self.model(
+        hidden = self.model.model(
             input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
-        )
-        return out.logits[:, -1]
+        ).last_hidden_state
+        return F.linear(hidden[:, -1], self.head)
 
     def __call__(self, token, position, mask, cache):
         return self.fn(token, position, mask, cache)
@@ -285,10 +288,9 @@ def generate_image_tokens(
     end = torch.full((batch,), cfg.image_end_token_id, dtype=torch.long, device=device)
 
     cache = StaticCache(config=cfg, max_cache_len=total)
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
-    ).logits[:, -1]
-    step_fn = _DecodeStep(model, compile)
+    step_fn = _DecodeStep(model, code_ids, compile)
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    logits = F.linear(hidden.last_hidden_state[:, -1], step_fn.head)
     position = pos[:, -1:]
     interrupted = False
     for s in range(n_steps):
@@ -302,7 +304,7 @@ def generate_image_tokens(
         # do not depend on the sizes of the other rows in the batch.
         noise = draw_uniform(generator, batch, n_codes, device) if do_sample and kind != "end" else None
         if kind in ("code", "mixed"):
-            code_logits = logits.index_select(-1, code_ids).float()
+            code_logits = logits.float()
             if use_cfg:
                 cond, unc = code_logits[:batch], code_logits[batch:]
                 code_logits = unc + guidance_scale * (cond - unc)
