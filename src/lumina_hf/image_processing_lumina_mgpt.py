@@ -122,6 +122,8 @@ def to_pil(image: Any, index: int = 0) -> PIL.Image.Image:
         raise ValueError(f"{where} could not be read as an image ({err}); check that the file is a valid image.") from err
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
+        if t.is_floating_point():
+            t = t.float()  # bfloat16 (and other non-numpy floats) have no numpy dtype
         if t.ndim == 3:
             t = t.permute(1, 2, 0)
         image = t.numpy()
@@ -134,6 +136,8 @@ def to_pil(image: Any, index: int = 0) -> PIL.Image.Image:
                 if arr.size and (arr.min() < 0 or arr.max() > 1):
                     raise ValueError(f"{where}: float arrays must hold values in [0, 1], got {arr.min()}..{arr.max()}.")
                 arr = np.round(arr * 255)
+            elif arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise ValueError(f"{where}: integer arrays must hold values in [0, 255], got {arr.min()}..{arr.max()}.")
             arr = arr.astype(np.uint8)
         if arr.ndim == 2:
             image = PIL.Image.fromarray(arr, "L")
