@@ -453,7 +453,10 @@ class LuminaMGPTProcessor(ProcessorMixin):
         if not tokenize:
             texts = []
             for i, conv in enumerate(convs):
-                turns, imgs = self.normalize_conversation(conv, None)
+                extra = None if images is None else (images[i] if batched else images)
+                if extra is not None and not isinstance(extra, (list, tuple)):
+                    extra = [extra]
+                turns, imgs = self.normalize_conversation(conv, extra)
                 if imgs:  # markers without images are fine when only the text is asked for
                     turns = self._place_images(turns, len(imgs), f"item {i}")
                 texts.append(self.render_conversation(turns))
@@ -481,9 +484,11 @@ class LuminaMGPTProcessor(ProcessorMixin):
                 parts.append(("image", grid))
             except MalformedImageSpanError as err:
                 parts.append(("error", str(err)))
-                # resume after the end token if there is one, else give up on the rest
-                nxt = ids.index(end, i) + 1 if end in ids[i:] else n
-                i = nxt
+                # resume after this span's end token, or at the next image start if that comes first (a span
+                # cut short has no end token of its own: the next span's end must not swallow that span)
+                after_end = ids.index(end, i) + 1 if end in ids[i:] else n
+                next_start = ids.index(start, i + 1) if start in ids[i + 1 :] else n
+                i = min(after_end, next_start)
         if text:
             parts.append(("text", text))
         return parts
@@ -569,7 +574,11 @@ class LuminaMGPTProcessor(ProcessorMixin):
                     if model is None:
                         images.append(value)
                     else:
-                        pixels = model.decode_image_tokens(value.unsqueeze(0).to(model.device))
+                        try:
+                            pixels = model.decode_image_tokens(value.unsqueeze(0).to(model.device))
+                        except ValueError as err:  # e.g. codes outside this VQGAN's codebook
+                            errors.append(str(err))
+                            continue
                         images.append(self.image_processor.postprocess(pixels, output_type)[0])
                 else:
                     text.append(IMAGE_MARKER)
