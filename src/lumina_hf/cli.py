@@ -1,6 +1,7 @@
 """`lumina-hf` command line: `lumina-hf generate ...`."""
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -9,6 +10,10 @@ import tempfile
 logger = logging.getLogger("lumina_hf")
 
 TINY_RANDOM = "tiny-random"
+
+# Modules that add a subcommand: each defines `add_cli(subparsers)`, which adds its parser and sets
+# `func` (called with the parsed args, returns an exit code).
+SUBCOMMAND_MODULES: list[str] = []
 
 
 def _load_pipeline(model: str, device: str, dtype: str | None):
@@ -122,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
     g.add_argument("-o", "--output", default="out.png")
     g.set_defaults(func=_generate)
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).add_cli(sub)
     return parser
 
 

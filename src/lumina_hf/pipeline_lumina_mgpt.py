@@ -60,6 +60,28 @@ class LuminaMGPTPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(model=model, processor=processor)
 
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """Fetch a pipeline repo from the Hub: `model_index.json` and every component folder it names.
+
+        diffusers' own `download` refuses components whose library is neither diffusers, transformers nor a
+        file in the repo (ours is `lumina_hf`), so the folders are fetched here with `snapshot_download`."""
+        import json
+
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        hub_kwargs = {
+            k: kwargs.get(k)
+            for k in ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+            if kwargs.get(k) is not None
+        }
+        index = hf_hub_download(pretrained_model_name, cls.config_name, **hub_kwargs)
+        with open(index, encoding="utf-8") as fh:
+            config = json.load(fh)
+        folders = [k for k, v in config.items() if isinstance(v, list) and not k.startswith("_")]
+        patterns = [cls.config_name, "README.md", *(f"{k}/*" for k in folders)]
+        return snapshot_download(pretrained_model_name, allow_patterns=patterns, **hub_kwargs)
+
     # ------------------------------------------------------------------ helpers
     def _default(self, name: str, task: str | None):
         if task in IMAGE_TASKS and name in OMNI_DEFAULTS:
