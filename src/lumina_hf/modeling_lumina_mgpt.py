@@ -105,7 +105,12 @@ class LuminaMGPTPreTrainedModel(ChameleonPreTrainedModel):
         if prefix is None:
             return (model, info) if want_info else model
         missing = tuple(sorted(k[len(prefix) :] for k in info.get("missing_keys", ()) if k.startswith(prefix)))
-        model.get_submodule(prefix[:-1]).missing_weights = missing
+        vqmodel = model.get_submodule(prefix[:-1])
+        vqmodel.missing_weights = missing
+        # transformers keeps *loaded* VQ tensors in fp32 (`_keep_in_fp32_modules_strict`) but creates missing ones
+        # in the requested dtype: restore the fp32 invariant so VQ weights loaded later are not rounded.
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in vqmodel.parameters()):
+            vqmodel.to(torch.float32)
         if missing:
             logger.warning(
                 "%s has no VQGAN weights (%d tensors missing, e.g. %s): the language model is loaded, but "
@@ -247,11 +252,11 @@ class LuminaMGPTForConditionalGeneration(LuminaMGPTPreTrainedModel, GenerationMi
             )
         input_ids = input_ids.masked_scatter(mask, flat)
         if labels is not None:
+            # Trained images (assistant turns) carry placeholders in labels too; user-turn images are -100.
             lmask = labels == placeholder
-            if int(lmask.sum()):
-                if not torch.equal(lmask, mask):
-                    raise ValueError("labels mark image placeholders at other positions than input_ids.")
-                labels = labels.masked_scatter(lmask, flat)
+            if bool((lmask & ~mask).any()):
+                raise ValueError("labels mark image placeholders at positions where input_ids have none.")
+            labels = torch.where(lmask, input_ids, labels)
         return input_ids, labels
 
     # ------------------------------------------------------------------ forward
