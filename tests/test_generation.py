@@ -324,3 +324,25 @@ def test_cli_generate_writes_image(tmp_path):
     with pytest.raises(SystemExit, match="not one of"):
         main(["generate", "a", "--model", "tiny-random", "--height", "40", "--width", "64", "-o", str(tmp_path / "y.png")])
     assert not (tmp_path / "y.png").exists()
+
+
+def test_compiled_decode_step_gives_the_same_tokens(model, processor):
+    """`compile=True` runs the decode step through torch.compile (inductor on CPU): same tokens as eager."""
+    p = prompt_ids(processor, "a red circle", 32, 32)
+    eager = generate_image_tokens(model, [p, p], height=32, width=32, generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    compiled = generate_image_tokens(
+        model, [p, p], height=32, width=32, generator=[torch.Generator().manual_seed(i) for i in range(2)], compile=True
+    )
+    assert torch.equal(eager.sequences, compiled.sequences)
+
+
+def test_pipeline_to_dtype_keeps_vqgan_fp32():
+    p = LuminaMGPTPipeline(model=build_tiny_model(), processor=build_tiny_processor(64))
+    before = {k: v.clone() for k, v in p.model.vqmodel.state_dict().items()}
+    p.to(torch.bfloat16)
+    assert p.model.lm_head.weight.dtype == torch.bfloat16
+    after = p.model.vqmodel.state_dict()
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in after.items() if v.is_floating_point())
+    p.set_progress_bar_config(disable=True)
+    out = p("a", height=32, width=64, generator=torch.Generator().manual_seed(0))
+    assert out.images[0].size == (64, 32)
