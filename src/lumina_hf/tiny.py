@@ -39,8 +39,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-@functools.lru_cache(maxsize=1)
-def tiny_vocabulary() -> dict[str, int]:
+def _special_vocabulary() -> dict[str, int]:
+    """The ids 0..9199: Chameleon's specials, image codes (name-sorted), `<eoss>`, `<racm3:break>`, reserved."""
     vocab: dict[str, int] = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     names = sorted(image_code_token_name(c) for c in range(NUM_IMAGE_CODES))
     for i, name in enumerate(names):
@@ -52,6 +52,17 @@ def tiny_vocabulary() -> dict[str, int]:
     # Chameleon's image placeholder sits where <reserved08707> would.
     del vocab["<reserved08707>"]
     vocab["<image>"] = 8711
+    return vocab
+
+
+def _special_names() -> list[str]:
+    names = ["<s>", "<pad>", "</s>", "<unk>", "<eoss>", "<racm3:break>", "<image>"]
+    return names + [f"<reserved{tid - 4:05d}>" for tid in range(RESERVED_FIRST_ID, RESERVED_LAST_ID + 1) if tid != 8711]
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_vocabulary() -> dict[str, int]:
+    vocab = _special_vocabulary()
     for i, ch in enumerate(_bytes_to_unicode().values()):
         vocab[ch] = TEXT_FIRST_ID + i
     used = set(vocab.values())
@@ -62,25 +73,43 @@ def tiny_vocabulary() -> dict[str, int]:
     return vocab
 
 
-def build_tiny_tokenizer():
-    """A `PreTrainedTokenizerFast` with the real special ids in a 65536-token vocabulary."""
+def _wrap_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = dict(tiny_vocabulary())
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<eoss>", "<racm3:break>", "<image>"]
-    specials += [f"<reserved{tid - 4:05d}>" for tid in range(RESERVED_FIRST_ID, RESERVED_LAST_ID + 1) if tid != 8711]
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _special_names()])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def build_tiny_tokenizer():
+    """A `PreTrainedTokenizerFast` with the real special ids in a 65536-token vocabulary."""
+    return _wrap_tokenizer(dict(tiny_vocabulary()), [])
+
+
+def build_compact_tokenizer(corpus: list[str], text_vocab_size: int = 512):
+    """A tokenizer with the real special ids 0..9199 and a small byte-level BPE text vocabulary trained on
+    `corpus` at ids 9200+ (no unused filler): for small models whose `vocab_size` is `len(tokenizer)`."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=text_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = _special_vocabulary()
+    for name, i in sorted(model["vocab"].items(), key=lambda kv: kv[1]):
+        vocab[name] = TEXT_FIRST_ID + i
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return _wrap_tokenizer(vocab, merges)
 
 
 def tiny_vocabulary_map(num_codes: int = NUM_IMAGE_CODES) -> dict[str, int]:

@@ -1,0 +1,158 @@
+"""Train a (small) Chameleon-layout VQGAN from scratch: what the nano model's image tokenizer is made with.
+
+The published models use Meta's VQGAN; a new small model needs its own. This trainer keeps the taming
+layout of `LuminaMGPTVQGAN` (factor 16) and trains it with an L1 + MSE reconstruction loss plus the
+quantizer's codebook/commitment loss, restarting dead codes from encoder outputs (no GAN: the nano data
+are flat-colored shapes). Run it with `lumina-hf train-vqgan --config recipes/nano/vqgan.yaml`.
+"""
+
+import dataclasses
+import logging
+import os
+import random
+import shutil
+import tempfile
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from ..configuration_lumina_mgpt import LuminaMGPTVQConfig
+from ..image_processing_lumina_mgpt import pil_to_tensor
+from ..modeling_vqgan import LuminaMGPTVQGAN
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class VQGANTrainingConfig:
+    output_dir: str
+    data: str = "shapes"  # the synthetic shapes of lumina_hf.nano.shapes
+    target_sizes: list[int] = dataclasses.field(default_factory=lambda: [64, 96])
+    num_embeddings: int = 512
+    embed_dim: int = 32
+    latent_channels: int = 32
+    base_channels: int = 32
+    channel_multiplier: list[int] = dataclasses.field(default_factory=lambda: [1, 1, 1, 2, 2])
+    num_res_blocks: int = 1
+    steps: int = 1500
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    mse_weight: float = 1.0
+    restart_dead_codes_every: int = 100
+    seed: int = 0
+    threads: int | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides) -> "VQGANTrainingConfig":
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; known keys: {sorted(known)}.")
+        if "output_dir" not in raw:
+            raise ValueError(f"{path}: `output_dir` is required.")
+        return cls(**raw)
+
+    def vq_config(self) -> LuminaMGPTVQConfig:
+        return LuminaMGPTVQConfig(
+            embed_dim=self.embed_dim,
+            num_embeddings=self.num_embeddings,
+            latent_channels=self.latent_channels,
+            base_channels=self.base_channels,
+            channel_multiplier=list(self.channel_multiplier),
+            num_res_blocks=self.num_res_blocks,
+            attn_resolutions=[],
+            resolution=max(self.target_sizes),
+        )
+
+
+def _shape_batches(cfg: VQGANTrainingConfig):
+    """Endless batches of shape images; each batch shares one (size, aspect) so it stacks."""
+    from ..nano.shapes import ASPECTS, make_item
+
+    rng = random.Random(cfg.seed)
+    index = 0
+    while True:
+        target = rng.choice(cfg.target_sizes)
+        aspect = rng.choice(ASPECTS)
+        images = []
+        for _ in range(cfg.batch_size):
+            item = make_item(index, seed=cfg.seed + 1000, target_size=target, aspects=(aspect,))
+            images.append(pil_to_tensor(item.image))
+            index += 1
+        yield torch.stack(images)
+
+
+def train_vqgan(cfg: VQGANTrainingConfig, progress: bool = True) -> str:
+    """Train and save to `cfg.output_dir` (written to a temp folder first, then renamed). Returns the path."""
+    if cfg.data != "shapes":
+        raise ValueError(f"data={cfg.data!r}: only the synthetic 'shapes' data is supported by this trainer.")
+    for t in cfg.target_sizes:
+        if t % 16:
+            raise ValueError(f"target size {t} is not a multiple of 16.")
+    if os.path.exists(cfg.output_dir):
+        raise ValueError(f"{cfg.output_dir} exists: choose a new output_dir or remove it.")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = LuminaMGPTVQGAN(cfg.vq_config()).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.9))
+    usage = torch.zeros(cfg.num_embeddings)
+    batches = _shape_batches(cfg)
+    bar = tqdm(range(cfg.steps), desc="vqgan", disable=not progress)
+    for step in bar:
+        x = next(batches)
+        z = model.quant_conv(model.encoder(x))
+        zq, vq_loss, idx = model.quantize(z)
+        rec = model.decoder(model.post_quant_conv(zq))
+        rec_loss = (rec - x).abs().mean() + cfg.mse_weight * F.mse_loss(rec, x)
+        loss = rec_loss + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        usage += torch.bincount(idx.detach(), minlength=cfg.num_embeddings).float()
+        if cfg.restart_dead_codes_every and (step + 1) % cfg.restart_dead_codes_every == 0:
+            dead = (usage == 0).nonzero().flatten()
+            if len(dead):
+                flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+                pick = flat[torch.randint(0, flat.shape[0], (len(dead),))]
+                with torch.no_grad():
+                    model.quantize.embedding.weight[dead] = pick + 0.01 * torch.randn_like(pick)
+            logger.info("step %d: rec %.4f vq %.4f, %d/%d codes used", step + 1, rec_loss.item(), vq_loss.item(),
+                        int((usage > 0).sum()), cfg.num_embeddings)
+            usage.zero_()
+        bar.set_postfix(rec=f"{rec_loss.item():.4f}")
+    model.eval()
+    parent = os.path.dirname(os.path.abspath(cfg.output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".vqgan-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "training_config.yaml"), "w", encoding="utf-8") as fh:
+            yaml.safe_dump(dataclasses.asdict(cfg), fh)
+        os.replace(tmp, cfg.output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cfg.output_dir
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("train-vqgan", help="train a small VQGAN (factor 16) on the synthetic shapes")
+    p.add_argument("--config", required=True, help="YAML with VQGANTrainingConfig fields")
+    p.add_argument("--output_dir", default=None)
+    p.add_argument("--steps", type=int, default=None)
+
+    def run(args) -> int:
+        cfg = VQGANTrainingConfig.from_yaml(args.config, output_dir=args.output_dir, steps=args.steps)
+        train_vqgan(cfg)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+__all__ = ["VQGANTrainingConfig", "train_vqgan"]
