@@ -261,8 +261,9 @@ class LuminaMGPTProcessor(ProcessorMixin):
             raw = item.get("image", item.get("images")) or []
             images = images + (list(raw) if isinstance(raw, (list, tuple)) else [raw])
             turns = [(t.get("from"), t.get("value")) for t in item["conversations"]]
-        elif isinstance(item, dict) and "messages" in item:
-            return self.normalize_conversation(item["messages"], images)
+        elif isinstance(item, dict) and "messages" in item:  # TRL style: {"messages": [...], "images": [...]}
+            raw = item.get("images", item.get("image")) or []
+            return self.normalize_conversation(item["messages"], images + (list(raw) if isinstance(raw, (list, tuple)) else [raw]))
         elif isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item):
             inline: list = []
             turns = [(m.get("role"), self._content_text(m.get("content"), inline)) for m in item]
