@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from .configuration_lumina_mgpt import LuminaMGPTConfig, LuminaMGPTVQConfig
+from .convert_lumina_mgpt import convert_checkpoint
 from .image_processing_lumina_mgpt import LuminaMGPTImageProcessor
 from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration, LuminaMGPTModel, LuminaMGPTPreTrainedModel
 from .modeling_vqgan import LuminaMGPTVQGAN
@@ -47,4 +48,5 @@ __all__ = [
     "text_to_image_prompt",
     "LuminaMGPTPipeline",
     "LuminaMGPTPipelineOutput",
+    "convert_checkpoint",
 ]
