@@ -13,7 +13,13 @@ TINY_RANDOM = "tiny-random"
 
 # Modules that add a subcommand: each defines `add_cli(subparsers)`, which adds its parser and sets
 # `func` (called with the parsed args, returns an exit code).
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = [
+    "lumina_hf.training.vqgan",
+    "lumina_hf.training.tokenize_cli",
+    "lumina_hf.training.train_cli",
+    "lumina_hf.convert_lumina_mgpt",
+    "lumina_hf.hub",
+]
 
 
 def _load_pipeline(model: str, device: str, dtype: str | None):

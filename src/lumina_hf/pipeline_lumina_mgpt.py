@@ -298,6 +298,71 @@ class LuminaMGPTPipeline(DiffusionPipeline):
             return (result,)
         return LuminaMGPTPipelineOutput(images=result)
 
+    # ------------------------------------------------------------------ LoRA adapters
+    def load_lora_weights(self, pretrained_model_name_or_path: str, adapter_name: str = "default", **kwargs) -> None:
+        """Load a PEFT LoRA adapter (a folder with `adapter_config.json` + `adapter_model.safetensors`, as written by
+        `lumina-hf train` in `output_dir/adapter`, or a Hub id) into `self.model` and make it the active adapter.
+
+        The adapter layers are injected in place (transformers' PEFT integration), so `self.model` stays a
+        `LuminaMGPTForConditionalGeneration` and generation works unchanged. Trained image rows of `lm_head` are
+        applied as well. To save a pipeline with the adapter folded in: `fuse_lora()`, `unload_lora_weights()`,
+        then `save_pretrained()` (a model with adapters attached would save only the adapter)."""
+        if adapter_name in (getattr(self.model, "peft_config", None) or {}):
+            raise ValueError(f"an adapter named {adapter_name!r} is already loaded: pass another adapter_name.")
+        # transformers records the adapter's key renamings as the model's `_weight_conversions`, which
+        # `save_pretrained` then reverses on the *model's* keys (writing `base_base_model.model...` names): keep the
+        # model's own conversions.
+        missing = object()
+        saved = self.model.__dict__.get("_weight_conversions", missing)
+        try:
+            self.model.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
+        finally:
+            if saved is missing:
+                self.model.__dict__.pop("_weight_conversions", None)
+            else:
+                self.model._weight_conversions = saved
+        self.model.set_adapter(adapter_name)
+
+    def _adapter_layers(self):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+    def fuse_lora(self, adapter_names: list[str] | None = None) -> None:
+        """Merge the active (or the named) adapters into the base weights: no adapter overhead while generating."""
+        layers = self._adapter_layers()
+        if not layers:
+            raise ValueError("no LoRA adapter is loaded: call load_lora_weights() first.")
+        for _, module in layers:
+            module.merge(adapter_names=adapter_names)
+
+    def unfuse_lora(self) -> None:
+        """Undo `fuse_lora()`: restore the base weights (the adapters stay loaded and active)."""
+        for _, module in self._adapter_layers():
+            if module.merged:
+                module.unmerge()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter layer from the model. Fused adapters stay in the weights (fuse, unload, save is how to
+        write a merged pipeline); unfused ones are dropped, giving back the base model."""
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        adapter_names = {n for n, _ in self._adapter_layers()}
+        replaced: list[str] = []
+        for name, module in list(self.model.named_modules()):
+            if any(name.startswith(prefix + ".") for prefix in replaced):
+                continue
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                base = module.original_module
+            elif name in adapter_names:
+                base = module.get_base_layer()
+            else:
+                continue
+            self.model.set_submodule(name, base)
+            replaced.append(name)
+        self.model.__dict__.pop("peft_config", None)
+        self.model._hf_peft_config_loaded = False
+
     def _describe(self, images, num_images_per_prompt, temperature, top_k, generator, max_new_tokens, return_dict):
         proc = self.processor
         text = self._task_text("describe", None)
@@ -315,6 +380,9 @@ class LuminaMGPTPipeline(DiffusionPipeline):
             do_sample=True,
             temperature=temperature,
             top_k=None,
+            # the model's generation_config carries the image guidance scale, which transformers would apply to
+            # text as its own (unbatched) classifier-free guidance: guidance is for images only
+            guidance_scale=1.0,
             logits_processor=[processor],
             eos_token_id=self.model.config.separator_token_id,
             pad_token_id=self.model.config.pad_token_id,

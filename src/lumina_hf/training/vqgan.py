@@ -38,9 +38,9 @@ class VQGANTrainingConfig:
     num_res_blocks: int = 1
     steps: int = 1500
     batch_size: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     mse_weight: float = 1.0
-    restart_dead_codes_every: int = 100
+    restart_dead_codes_every: int = 25
     seed: int = 0
     threads: int | None = None
 
@@ -87,19 +87,34 @@ def _shape_batches(cfg: VQGANTrainingConfig):
         yield torch.stack(images)
 
 
+@torch.no_grad()
+def _reseed_codes(model, z: torch.Tensor, codes: torch.Tensor) -> None:
+    """Set codebook entries `codes` to randomly picked encoder outputs from `z` (plus a little noise)."""
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    pick = flat[torch.randint(0, flat.shape[0], (len(codes),))]
+    model.quantize.embedding.weight[codes] = pick + 0.01 * pick.std() * torch.randn_like(pick)
+
+
 def train_vqgan(cfg: VQGANTrainingConfig, progress: bool = True) -> str:
     """Train and save to `cfg.output_dir` (written to a temp folder first, then renamed). Returns the path."""
     if cfg.data != "shapes":
         raise ValueError(f"data={cfg.data!r}: only the synthetic 'shapes' data is supported by this trainer.")
+    from ..nano.shapes import ASPECTS, aspect_size
+
     for t in cfg.target_sizes:
-        if t % 16:
-            raise ValueError(f"target size {t} is not a multiple of 16.")
+        sizes = [aspect_size(a, t) for a in ASPECTS]
+        if any(w % 16 or h % 16 for w, h in sizes):
+            raise ValueError(f"target size {t} gives image sizes {sizes}: every side must be a multiple of 16 (use 48, 64, 96...).")
     if os.path.exists(cfg.output_dir):
         raise ValueError(f"{cfg.output_dir} exists: choose a new output_dir or remove it.")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = LuminaMGPTVQGAN(cfg.vq_config()).train()
+    # PyTorch's default (fan-in scaled) conv init trains this conv net faster than transformers' N(0, 0.02)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.reset_parameters()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.9))
     usage = torch.zeros(cfg.num_embeddings)
     batches = _shape_batches(cfg)
@@ -107,6 +122,10 @@ def train_vqgan(cfg: VQGANTrainingConfig, progress: bool = True) -> str:
     for step in bar:
         x = next(batches)
         z = model.quant_conv(model.encoder(x))
+        if step == 0:
+            # data-dependent codebook init: random encoder outputs (a random N(0, 0.02) codebook would put
+            # every latent on one code and leave the decoder nothing to learn from)
+            _reseed_codes(model, z, torch.arange(cfg.num_embeddings))
         zq, vq_loss, idx = model.quantize(z)
         rec = model.decoder(model.post_quant_conv(zq))
         rec_loss = (rec - x).abs().mean() + cfg.mse_weight * F.mse_loss(rec, x)
@@ -118,10 +137,7 @@ def train_vqgan(cfg: VQGANTrainingConfig, progress: bool = True) -> str:
         if cfg.restart_dead_codes_every and (step + 1) % cfg.restart_dead_codes_every == 0:
             dead = (usage == 0).nonzero().flatten()
             if len(dead):
-                flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-                pick = flat[torch.randint(0, flat.shape[0], (len(dead),))]
-                with torch.no_grad():
-                    model.quantize.embedding.weight[dead] = pick + 0.01 * torch.randn_like(pick)
+                _reseed_codes(model, z, dead)
             logger.info("step %d: rec %.4f vq %.4f, %d/%d codes used", step + 1, rec_loss.item(), vq_loss.item(),
                         int((usage > 0).sum()), cfg.num_embeddings)
             usage.zero_()

@@ -1,0 +1,514 @@
+"""Run a recipe: load the model and processor, build the data mixture, the PEFT config and the trainer, train, save.
+
+`run_recipe(recipe)` is what `lumina-hf train` and `python -m lumina_hf.train` call; `run_recipe(recipe,
+dry_run=True)` builds everything except the model weights (recipe, SFTConfig, PEFT config, dataset paths), so every
+recipe YAML can be checked in CI.
+
+Outputs (`output_dir`):
+- full fine-tuning: a pipeline folder (`model_index.json`, `model/`, `processor/`) that the next stage or
+  `LuminaMGPTPipeline.from_pretrained` loads; `checkpoint-N/` folders next to it;
+- LoRA: the adapter in `output_dir/adapter/` (PEFT format: `adapter_config.json`, `adapter_model.safetensors`) and,
+  with `save_merged: true`, the merged pipeline folder in `output_dir` (a model with an adapter attached would save
+  only the adapter, so the adapter is merged with `merge_and_unload()` first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+
+from .arguments import TINY_RANDOM, DataArguments, LoraArguments, LuminaTrainingArguments, ModelArguments, Recipe
+from .collator import LuminaMGPTDataCollator
+from .trainer import LuminaSFTTrainer, SignatureCallback, check_resume_checkpoint, model_signature
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_PREFIX = "synthetic:"
+REQUIRED_COLUMNS = ("input_ids", "labels")
+ADAPTER_DIR = "adapter"
+
+
+# ----------------------------------------------------------------------------------------------- model
+def _resolve_folders(model_args: ModelArguments) -> tuple[str, str]:
+    """(model folder or id, processor folder or id): a pipeline folder holds them in model/ and processor/."""
+    path = model_args.model_name_or_path
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
+        model_dir, proc_dir = os.path.join(path, "model"), os.path.join(path, "processor")
+    else:
+        model_dir, proc_dir = path, path
+    return model_dir, model_args.processor_name_or_path or proc_dir
+
+
+def resolve_dtype(model_args: ModelArguments, lora_args: LoraArguments, training_args: LuminaTrainingArguments) -> torch.dtype:
+    """'auto': bf16 weights for LoRA when training in bf16 (the frozen base needs no fp32 master copy), else fp32
+    (full fine-tuning keeps fp32 master weights; bf16 is the autocast compute dtype)."""
+    if model_args.torch_dtype != "auto":
+        return getattr(torch, model_args.torch_dtype)
+    return torch.bfloat16 if (lora_args.use_peft and training_args.bf16) else torch.float32
+
+
+def set_residual_dropout(model, p: float) -> None:
+    """Set the residual dropout of every decoder layer to `p` (adds the hooks when the model was built without)."""
+    from ..modeling_lumina_mgpt import _residual_dropout_hook
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.dropout = float(p)
+    for layer in base.model.layers:
+        for sub in (layer.self_attn, layer.mlp):
+            if not hasattr(sub, "residual_dropout_p"):
+                if p <= 0:
+                    continue
+                sub.register_forward_hook(_residual_dropout_hook)
+            sub.residual_dropout_p = float(p)
+
+
+def load_model_and_processor(
+    model_args: ModelArguments, lora_args: LoraArguments, training_args: LuminaTrainingArguments
+):
+    """The model to train (VQGAN frozen, residual dropout set, cache off) and its processor."""
+    from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
+    from ..processing_lumina_mgpt import LuminaMGPTProcessor
+
+    dtype = resolve_dtype(model_args, lora_args, training_args)
+    if model_args.model_name_or_path == TINY_RANDOM:
+        from ..tiny import build_tiny_model, build_tiny_processor
+
+        logger.warning("Training the random tiny model ('%s'): a smoke test, not a useful model.", TINY_RANDOM)
+        model = build_tiny_model(seed=training_args.seed).to(dtype)
+        model.model.vqmodel.to(torch.float32)
+        processor = build_tiny_processor(model_args.tiny_target_size)
+    else:
+        model_dir, proc_dir = _resolve_folders(model_args)
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if model_args.attn_implementation:
+            kwargs["attn_implementation"] = model_args.attn_implementation
+        if model_args.model_revision:
+            kwargs["revision"] = model_args.model_revision
+        model = LuminaMGPTForConditionalGeneration.from_pretrained(model_dir, **kwargs)
+        processor = LuminaMGPTProcessor.from_pretrained(proc_dir, **({"revision": model_args.model_revision} if model_args.model_revision else {}))
+    if model_args.dropout is not None:
+        set_residual_dropout(model, model_args.dropout)
+    if model_args.zero_image_head_rows:
+        zero_image_head_rows(model)
+    model.model.vqmodel.requires_grad_(False)
+    model.config.use_cache = False
+    return model, processor
+
+
+def zero_image_head_rows(model) -> None:
+    """Zero the lm_head rows of the image-code tokens (the first FP-SFT stage does this to a Chameleon start)."""
+    cfg = model.config
+    with torch.no_grad():
+        model.lm_head.weight[cfg.image_code_id_start : cfg.image_code_id_end + 1].zero_()
+    logger.info("zeroed lm_head rows %d..%d (image codes)", cfg.image_code_id_start, cfg.image_code_id_end)
+
+
+def unirep_token_ids(config) -> list[int]:
+    """The lm_head rows of everything inside a UniRep image: image codes, image start/end, row end, size tokens."""
+    ids = set(range(config.image_code_id_start, config.image_code_id_end + 1))
+    ids.update((config.image_start_token_id, config.image_end_token_id, config.image_row_end_token_id))
+    ids.update(range(config.size_token_base_id + 1, config.size_token_base_id + config.max_size_units + 1))
+    return sorted(i for i in ids if 0 <= i < config.vocab_size)
+
+
+def build_peft_config(lora_args: LoraArguments, model_config=None):
+    """The PEFT `LoraConfig` of a recipe (None for full fine-tuning). The VQGAN is never adapted; lm_head gets no
+    LoRA (TRL and the generation loop read `lm_head.weight` directly) but, with `lora_train_image_head`, its UniRep
+    rows become trainable through PEFT's `trainable_token_indices` (saved with the adapter, merged by
+    `merge_and_unload`). `model_config` defaults to the published token ids."""
+    if not lora_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    from ..configuration_lumina_mgpt import LuminaMGPTConfig
+
+    kwargs: dict[str, Any] = {}
+    if lora_args.lora_train_image_head:
+        # without a model (dry run): the published ids, from the default config (no weights are built)
+        cfg = model_config if model_config is not None else LuminaMGPTConfig()
+        kwargs["trainable_token_indices"] = {"lm_head": unirep_token_ids(cfg)}
+    return LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=lora_args.lora_target_modules,
+        exclude_modules=r".*\bvqmodel\b.*",
+        use_rslora=lora_args.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- data
+def check_dataset_columns(ds, where: str) -> None:
+    """ValueError for datasets the trainer must not see: missing token columns, or raw image columns."""
+    cols = list(ds.column_names)
+    image_cols = [c for c in ("image", "images") if c in cols]
+    if image_cols:
+        raise ValueError(
+            f"{where} has a column {image_cols[0]!r}: TRL would treat it as a vision dataset and re-process the images. "
+            "Tokenize it first with `lumina-hf tokenize` (images are VQ-encoded once, offline) and train on the "
+            "tokenized folder."
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c not in cols]
+    if missing:
+        raise ValueError(
+            f"{where} has no {' and no '.join(repr(c) for c in missing)} column (columns: {cols}): training needs "
+            "pre-tokenized `input_ids` and `labels` (-100 = not trained). Tokenize it with `lumina-hf tokenize`."
+        )
+
+
+def synthetic_dataset(model_config, processor, num_items: int = 16, seed: int = 0, size: int | None = None):
+    """A small, learnable text-to-image set at the token level, for smoke tests and the tiny recipe
+    (`path: synthetic:tiny` or `synthetic:tiny:N`): captions such as "a red square" / "red and blue stripes" with
+    UniRep images whose code grids are a colour's code (squares) or two alternating columns of codes (stripes).
+    The codes come from `model_config`'s codebook ids, so no VQGAN pass is needed. Items follow the real
+    conversation format and labels (`processor.tokenize_conversation`)."""
+    import random
+
+    from datasets import Dataset
+
+    from ..processing_lumina_mgpt import IMAGE_MARKER, text_to_image_prompt
+
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
+    code_ids = model_config.image_code_to_token_id()
+    size = int(size or processor.image_processor.target_size)
+    f = processor.image_processor.patch_size // 2
+    rows = cols = size // f
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    for i in range(num_items):
+        a, b = colours[i % len(colours)], colours[(i * 3 + 1) % len(colours)]
+        ca, cb = code_ids[(7 * i) % len(code_ids)], code_ids[(7 * i + 3) % len(code_ids)]
+        if i % 2:
+            grid = [[ca if c % 2 == 0 else cb for c in range(cols)] for _ in range(rows)]
+            caption = f"{a} and {b} stripes"
+        else:
+            grid = [[ca] * cols for _ in range(rows)]
+            caption = f"a {a} square"
+        prompt = text_to_image_prompt(caption, size, size) if rng.random() < 0.8 else text_to_image_prompt(caption)
+        turns = [("user", prompt), ("assistant", IMAGE_MARKER)]
+        ids, labels = processor.tokenize_conversation(turns, [processor.unirep_ids(torch.tensor(grid))])
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+    return Dataset.from_dict(out)
+
+
+def _load_one(entry: dict, model, processor, where: str):
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    path = entry["path"]
+    if path.startswith(SYNTHETIC_PREFIX):
+        if model is None or processor is None:
+            raise ValueError(f"{where}: {path} needs the model config and the processor.")
+        parts = path[len(SYNTHETIC_PREFIX):].split(":")
+        n = int(parts[1]) if len(parts) > 1 else 16
+        return synthetic_dataset(model.config, processor, num_items=n)
+    if is_local_path(path):
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"{where}: dataset folder {path} not found. Tokenize the data first with `lumina-hf tokenize`.")
+        ds = load_from_disk(os.path.expanduser(path))
+    else:
+        ds = load_dataset(path, split=entry.get("split", "train"))
+    if isinstance(ds, DatasetDict):
+        split = entry.get("split", "train")
+        if split not in ds:
+            raise ValueError(f"{where} ({path}) has no split {split!r} (splits: {list(ds)}).")
+        ds = ds[split]
+    if not isinstance(ds, Dataset):
+        raise ValueError(f"{where} ({path}) is not a map-style datasets.Dataset.")
+    return ds
+
+
+def _apply_weight(ds, weight: float, seed: int):
+    """`weight` copies of the dataset: whole copies for the integer part, a seeded subset for the fraction."""
+    from datasets import concatenate_datasets
+
+    n = len(ds)
+    whole, frac = int(math.floor(weight)), weight - math.floor(weight)
+    parts = [ds] * whole
+    k = int(round(frac * n))
+    if k:
+        parts.append(ds.shuffle(seed=seed).select(range(k)))
+    if not parts:
+        raise ValueError(f"a mixture weight of {weight} keeps no row of a {n}-row dataset.")
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _add_length(ds):
+    if "length" in ds.column_names:
+        return ds
+    return ds.map(lambda ex: {"length": len(ex["input_ids"])}, desc="lengths")
+
+
+def build_datasets(data_args: DataArguments, training_args: LuminaTrainingArguments, model=None, processor=None):
+    """(train, eval or None): the weighted mixture of the recipe's tokenized datasets, checked, with a `length` column,
+    items longer than `max_length` dropped (never truncated)."""
+    from datasets import concatenate_datasets
+
+    parts = []
+    for i, entry in enumerate(data_args.dataset_mixture):
+        where = f"dataset_mixture[{i}]" + (f" ({entry['name']})" if entry.get("name") else "")
+        ds = _load_one(entry, model, processor, where)
+        check_dataset_columns(ds, f"{where} {entry['path']}")
+        keep = [c for c in ("input_ids", "labels", "length") if c in ds.column_names]
+        ds = _add_length(ds.select_columns(keep))
+        if len(ds) == 0:
+            raise ValueError(f"{where} {entry['path']} is empty.")
+        first = ds[0]
+        if len(first["input_ids"]) != len(first["labels"]):
+            raise ValueError(f"{where} {entry['path']}: input_ids and labels have different lengths (row 0).")
+        ds = _apply_weight(ds, entry["weight"], data_args.mixture_seed + i)
+        logger.info("%s: %s, weight %.3g -> %d rows", where, entry["path"], entry["weight"], len(ds))
+        parts.append(ds)
+    train = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    if training_args.max_length is not None:
+        before = len(train)
+        limit = int(training_args.max_length)
+        train = train.filter(lambda lengths: [n <= limit for n in lengths], input_columns="length", batched=True)
+        dropped = before - len(train)
+        if dropped:
+            logger.warning(
+                "%d of %d items are longer than max_length=%d and were dropped (images are never cut).", dropped, before, limit
+            )
+        if len(train) == 0:
+            raise ValueError(f"every item is longer than max_length={limit}: raise max_length.")
+    train = train.shuffle(seed=data_args.mixture_seed)
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(len(train), data_args.max_train_samples)))
+    eval_ds = None
+    if data_args.eval_split_size:
+        split = train.train_test_split(test_size=data_args.eval_split_size, seed=data_args.mixture_seed)
+        train, eval_ds = split["train"], split["test"]
+    return train, eval_ds
+
+
+def is_local_path(path: str) -> bool:
+    """A dataset path is local when it exists, is written as a path (`./`, `../`, `/`, `~`) or has more than one
+    `/`; a missing `name` or `org/name` is a Hub dataset id."""
+    return os.path.exists(os.path.expanduser(path)) or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def check_dataset_paths(data_args: DataArguments) -> list[str]:
+    """Local dataset paths that do not exist (Hub ids and synthetic sets are not checked)."""
+    return [
+        e["path"]
+        for e in data_args.dataset_mixture
+        if not e["path"].startswith(SYNTHETIC_PREFIX) and is_local_path(e["path"]) and not os.path.isdir(os.path.expanduser(e["path"]))
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def resolve_resume(training_args: LuminaTrainingArguments) -> str | None:
+    """`resume_from_checkpoint`: True/'latest' -> the newest checkpoint-N in output_dir (ValueError if none)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value is None or value is False or str(value).lower() in ("", "false", "no"):
+        return None
+    if value is True or str(value).lower() in ("true", "yes", "latest"):
+        out = training_args.output_dir
+        last = get_last_checkpoint(out) if os.path.isdir(out) else None
+        if last is None:
+            raise ValueError(f"resume_from_checkpoint=true but {out} has no checkpoint-N folder to resume from.")
+        return last
+    return str(value)
+
+
+def _fsdp_activation_checkpointing() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and (
+        os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def save_pipeline_folder(model, processor, output_dir: str) -> None:
+    """Save `model` + `processor` as a `LuminaMGPTPipeline` folder (model_index.json, model/, processor/)."""
+    from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
+
+    LuminaMGPTPipeline(model=model, processor=processor).save_pretrained(output_dir, safe_serialization=True)
+
+
+def write_pipeline_index(output_dir: str) -> None:
+    """The `model_index.json` of a pipeline folder whose model/ and processor/ were written separately."""
+    import diffusers
+
+    index = {
+        "_class_name": "LuminaMGPTPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "model": ["lumina_hf.modeling_lumina_mgpt", "LuminaMGPTForConditionalGeneration"],
+        "processor": ["lumina_hf.processing_lumina_mgpt", "LuminaMGPTProcessor"],
+    }
+    with open(os.path.join(output_dir, "model_index.json"), "w", encoding="utf-8") as fh:
+        json.dump(index, fh, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+@dataclasses.dataclass
+class TrainingResult:
+    """What `run_recipe` did: the trainer (None in a dry run), where things were written, the train metrics."""
+
+    recipe: Recipe
+    trainer: Any = None
+    peft_config: Any = None
+    output_dir: str | None = None
+    adapter_dir: str | None = None
+    pipeline_dir: str | None = None
+    metrics: dict | None = None
+    dry_run: bool = False
+
+
+def build_trainer(recipe: Recipe, model=None, processor=None, train_dataset=None, eval_dataset=None, callbacks=None):
+    """A ready `LuminaSFTTrainer` for `recipe` (the model, processor and data are loaded unless given)."""
+    training = recipe.training
+    if model is None:
+        model, processor = load_model_and_processor(recipe.model, recipe.lora, training)
+    elif recipe.model.dropout is not None:
+        set_residual_dropout(model, recipe.model.dropout)
+    if processor is None:
+        raise ValueError("a processor is needed with a model passed in.")
+    model.model.vqmodel.requires_grad_(False)
+    if train_dataset is None:
+        train_dataset, eval_dataset = build_datasets(recipe.data, training, model, processor)
+    else:
+        check_dataset_columns(train_dataset, "train_dataset")
+        train_dataset = _add_length(train_dataset)
+    peft_config = build_peft_config(recipe.lora, model.config)
+    collator = LuminaMGPTDataCollator(
+        pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 1,
+        pad_to_multiple_of=training.pad_to_multiple_of,
+        max_length=training.max_length,
+    )
+    signature = model_signature(model, recipe.lora.use_peft, recipe.lora.lora_r)
+    trainer = LuminaSFTTrainer(
+        model=model,
+        args=training,
+        data_collator=collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+        callbacks=[SignatureCallback(signature), *(callbacks or [])],
+    )
+    return trainer
+
+
+def run_recipe(recipe: Recipe, dry_run: bool = False, callbacks=None) -> TrainingResult:
+    """Train (or, with `dry_run`, only check) one recipe; see the module docstring for what is written."""
+    training = recipe.training
+    if _fsdp_activation_checkpointing() and training.activation_checkpointing:
+        logger.info("FSDP activation checkpointing is on (accelerate config): the trainer's own checkpointing is turned off.")
+        training.activation_checkpointing = training.gradient_checkpointing = False
+    if dry_run:
+        return _dry_run(recipe)
+
+    resume = resolve_resume(training)
+    from transformers import set_seed
+
+    set_seed(training.seed)
+    model, processor = load_model_and_processor(recipe.model, recipe.lora, training)
+    if resume is not None:
+        check_resume_checkpoint(resume, model_signature(model, recipe.lora.use_peft, recipe.lora.lora_r))
+    trainer = build_trainer(recipe, model, processor, callbacks=callbacks)
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    trainer.restore_model_config()
+    peft_config = trainer.model.peft_config.get("default") if recipe.lora.use_peft else None
+    result = TrainingResult(recipe=recipe, trainer=trainer, peft_config=peft_config, output_dir=training.output_dir,
+                            metrics=dict(train_out.metrics))
+    save_outputs(trainer, recipe, processor, result)
+    return result
+
+
+def save_outputs(trainer: LuminaSFTTrainer, recipe: Recipe, processor, result: TrainingResult) -> None:
+    out = recipe.training.output_dir
+    if recipe.lora.use_peft:
+        adapter_dir = os.path.join(out, ADAPTER_DIR)
+        trainer.save_model(adapter_dir)  # PEFT: adapter_config.json + adapter_model.safetensors (+ the processor)
+        result.adapter_dir = adapter_dir
+        if recipe.training.save_merged and trainer.accelerator.is_main_process:
+            peft_model = trainer.accelerator.unwrap_model(trainer.model)
+            merged = peft_model.merge_and_unload()
+            trainer.model = merged
+            save_pipeline_folder(merged, processor, out)
+            result.pipeline_dir = out
+    else:
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            # the full state dict is gathered by the trainer; the pipeline index and processor are written beside it
+            trainer.save_model(os.path.join(out, "model"))
+            if trainer.accelerator.is_main_process:
+                processor.save_pretrained(os.path.join(out, "processor"))
+                write_pipeline_index(out)
+        elif trainer.accelerator.is_main_process:
+            save_pipeline_folder(trainer.accelerator.unwrap_model(trainer.model), processor, out)
+        result.pipeline_dir = out
+    if trainer.accelerator.is_main_process:
+        # the final folders hold safetensors + json only: drop the pickled TrainingArguments that save_model adds
+        for folder in (result.adapter_dir, os.path.join(out, "model")):
+            if folder and os.path.isfile(os.path.join(folder, "training_args.bin")):
+                os.remove(os.path.join(folder, "training_args.bin"))
+        write_run_record(recipe, out)
+    trainer.accelerator.wait_for_everyone()
+    logger.info("saved to %s", out)
+
+
+def write_run_record(recipe: Recipe, output_dir: str) -> None:
+    """`output_dir/training_recipe.yaml`: the recipe keys the run used (YAML + command-line overrides)."""
+    import yaml
+
+    record = json.loads(json.dumps(recipe.raw, default=str))
+    with open(os.path.join(output_dir, "training_recipe.yaml"), "w", encoding="utf-8") as fh:
+        fh.write(f"# keys of the recipe this model was trained with ({recipe.source or 'given as a dict'} + overrides)\n")
+        yaml.safe_dump(record, fh, sort_keys=False)
+
+
+def _dry_run(recipe: Recipe) -> TrainingResult:
+    """Everything but the weights: the recipe was parsed (SFTConfig built), the PEFT config is built from the model's
+    config.json when it is local (else the published ids), dataset folders are checked with `check_data`."""
+    model_config = None
+    path = recipe.model.model_name_or_path
+    if path != TINY_RANDOM:
+        model_dir, _ = _resolve_folders(recipe.model)
+        if os.path.isfile(os.path.join(model_dir, "config.json")):
+            from ..configuration_lumina_mgpt import LuminaMGPTConfig
+
+            model_config = LuminaMGPTConfig.from_pretrained(model_dir)
+    else:
+        from ..tiny import tiny_config
+
+        model_config = tiny_config()
+    peft_config = build_peft_config(recipe.lora, model_config)
+    if recipe.data.check_data:
+        missing = check_dataset_paths(recipe.data)
+        if missing:
+            raise ValueError(
+                f"dataset folder(s) not found: {', '.join(missing)}" + (f" (recipe {recipe.source})" if recipe.source else "")
+                + ". Tokenize the data first with `lumina-hf tokenize`, or fix the paths."
+            )
+    logger.info("dry run OK: %s", recipe.source or "recipe")
+    return TrainingResult(recipe=recipe, peft_config=peft_config, output_dir=recipe.training.output_dir, dry_run=True)
+
+
+__all__ = [
+    "ADAPTER_DIR",
+    "TrainingResult",
+    "build_datasets",
+    "build_peft_config",
+    "build_trainer",
+    "check_dataset_columns",
+    "check_dataset_paths",
+    "load_model_and_processor",
+    "resolve_dtype",
+    "run_recipe",
+    "save_pipeline_folder",
+    "set_residual_dropout",
+    "synthetic_dataset",
+    "unirep_token_ids",
+]
