@@ -1,0 +1,192 @@
+"""Build steps of Lumina-mGPT-nano (see recipes/nano/README.md for the whole sequence):
+
+    python -m lumina_hf.nano.build data --target-size 64 --t2i 3000 --out runs/nano/data64
+    python -m lumina_hf.nano.build init --vqgan runs/nano/vqgan --out runs/nano/init
+    python -m lumina_hf.nano.build export --model runs/nano/omni --out src/lumina_hf/nano/weights
+
+`data` writes the raw items in the formats `lumina-hf tokenize` reads (a `datasets` folder of image +
+caption for text-to-image, the original conversation JSON for the Omni tasks); `init` assembles the
+untrained language model around the trained VQGAN with a compact tokenizer; `export` writes the final
+pipeline folder (safetensors) that ships with the package.
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+
+from ..configuration_lumina_mgpt import image_code_token_name
+from ..image_processing_lumina_mgpt import LuminaMGPTImageProcessor
+from ..processing_lumina_mgpt import OMNI_TASK_PROMPTS, LuminaMGPTProcessor, text_to_image_prompt
+from .shapes import COLORS, SHAPES, aspect_size, caption_for, make_item
+
+logger = logging.getLogger(__name__)
+
+NANO_LM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=512)
+
+
+def _atomic_dir(out: str):
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+
+
+def write_data(out: str, target_size: int, t2i: int, segmentation: int = 0, describe: int = 0, seed: int = 0) -> None:
+    """Raw training items: `out/t2i` (a `datasets` folder with `image` and `text`) and, when asked,
+    `out/omni.json` + `out/omni_images/` (conversation format) for segmentation and description."""
+    import datasets
+
+    if os.path.exists(out):
+        raise ValueError(f"{out} exists: remove it or choose another folder.")
+    tmp = _atomic_dir(out)
+    try:
+        items = [make_item(i, seed=seed, target_size=target_size) for i in range(t2i)]
+        ds = datasets.Dataset.from_dict(
+            {"image": [it.image for it in items], "text": [it.caption for it in items]},
+            features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+        )
+        ds.save_to_disk(os.path.join(tmp, "t2i"))
+        if segmentation or describe:
+            img_dir = os.path.join(tmp, "omni_images")
+            os.makedirs(img_dir)
+            convs = []
+            for k in range(segmentation + describe):
+                it = make_item(100_000 + k, seed=seed, target_size=target_size)
+                src = f"omni_images/{k:06d}.png"
+                it.image.save(os.path.join(tmp, src))
+                if k < segmentation:
+                    dst = f"omni_images/{k:06d}_mask.png"
+                    it.mask.save(os.path.join(tmp, dst))
+                    convs.append({
+                        "conversations": [
+                            {"from": "human", "value": OMNI_TASK_PROMPTS["segmentation"] + " <|image|>"},
+                            {"from": "gpt", "value": "<|image|>"},
+                        ],
+                        "image": [src, dst],
+                    })
+                else:
+                    convs.append({
+                        "conversations": [
+                            {"from": "human", "value": OMNI_TASK_PROMPTS["describe"] + " <|image|>"},
+                            {"from": "gpt", "value": it.caption},
+                        ],
+                        "image": [src],
+                    })
+            with open(os.path.join(tmp, "omni.json"), "w", encoding="utf-8") as fh:
+                json.dump(convs, fh)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def nano_corpus(target_sizes=(64, 96)) -> list[str]:
+    """Every text the nano model sees: prompts at each size and aspect, captions, Omni instructions."""
+    texts = []
+    for shape in SHAPES:
+        for color in COLORS:
+            for bg in COLORS:
+                if bg == color:
+                    continue
+                cap = caption_for(shape, color, bg)
+                texts.append(cap)
+                texts.append(text_to_image_prompt(cap))
+                for t in target_sizes:
+                    for aspect in ("1:1", "2:1", "1:2"):
+                        w, h = aspect_size(aspect, t)
+                        texts.append(text_to_image_prompt(cap, w, h))
+    texts += [OMNI_TASK_PROMPTS["segmentation"], OMNI_TASK_PROMPTS["describe"]]
+    return texts
+
+
+def init_model(vqgan_dir: str, out: str, target_size: int = 64, seed: int = 0, **lm_overrides) -> None:
+    """Untrained nano language model + the trained VQGAN + a compact tokenizer, saved as a pipeline folder."""
+    from ..configuration_lumina_mgpt import LuminaMGPTConfig
+    from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
+    from ..modeling_vqgan import LuminaMGPTVQGAN
+    from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
+    from ..tiny import build_compact_tokenizer
+
+    if os.path.exists(out):
+        raise ValueError(f"{out} exists: remove it or choose another folder.")
+    vq = LuminaMGPTVQGAN.from_pretrained(vqgan_dir)
+    tokenizer = build_compact_tokenizer(nano_corpus(), text_vocab_size=512)
+    vocab = tokenizer.get_vocab()
+    vq_cfg = vq.config.to_dict()
+    vq_cfg.pop("model_type", None)
+    vocabulary_map = {image_code_token_name(c): vocab[image_code_token_name(c)] for c in range(8192)}
+    vocabulary_map["<image>"] = vocab["<image>"]
+    lm = dict(NANO_LM)
+    lm.update(lm_overrides)
+    config = LuminaMGPTConfig(vocab_size=len(tokenizer), vocabulary_map=vocabulary_map, vq_config=vq_cfg, **lm)
+    torch.manual_seed(seed)
+    model = LuminaMGPTForConditionalGeneration(config)
+    model.model.vqmodel.load_state_dict(vq.state_dict(), strict=True)
+    processor = LuminaMGPTProcessor(image_processor=LuminaMGPTImageProcessor(target_size=target_size), tokenizer=tokenizer)
+    tmp = _atomic_dir(out)
+    try:
+        LuminaMGPTPipeline(model=model.eval(), processor=processor).save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float32") -> None:
+    """Copy a trained model (pipeline folder or model folder + processor) into a clean pipeline folder."""
+    from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
+    from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
+
+    src_model = os.path.join(model_dir, "model") if os.path.isdir(os.path.join(model_dir, "model")) else model_dir
+    src_proc = os.path.join(model_dir, "processor") if os.path.isdir(os.path.join(model_dir, "processor")) else model_dir
+    model = LuminaMGPTForConditionalGeneration.from_pretrained(src_model, dtype=getattr(torch, dtype))
+    processor = LuminaMGPTProcessor.from_pretrained(src_proc)
+    processor.image_processor.target_size = target_size
+    model.config.dropout = 0.0
+    tmp = _atomic_dir(out)
+    try:
+        LuminaMGPTPipeline(model=model.eval(), processor=processor).save_pretrained(tmp)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lumina_hf.nano.build")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("--out", required=True)
+    d.add_argument("--target-size", type=int, required=True)
+    d.add_argument("--t2i", type=int, default=3000)
+    d.add_argument("--segmentation", type=int, default=0)
+    d.add_argument("--describe", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0)
+    i = sub.add_parser("init")
+    i.add_argument("--vqgan", required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--target-size", type=int, default=64)
+    e = sub.add_parser("export")
+    e.add_argument("--model", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--target-size", type=int, default=96)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    if args.cmd == "data":
+        write_data(args.out, args.target_size, args.t2i, args.segmentation, args.describe, args.seed)
+    elif args.cmd == "init":
+        init_model(args.vqgan, args.out, args.target_size)
+    else:
+        export(args.model, args.out, args.target_size)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""The nano model's building blocks: shapes data and scorers, the compact tokenizer, the VQGAN trainer and the
+build steps (init / export), on small settings."""
+
+import numpy as np
+import pytest
+import torch
+
+from lumina_hf import LuminaMGPTPipeline, text_to_image_prompt
+from lumina_hf.image_processing_lumina_mgpt import generate_buckets
+from lumina_hf.nano.shapes import COLORS, SHAPES, analyze_image, aspect_size, draw_shape, make_item, mask_iou
+from lumina_hf.tiny import build_compact_tokenizer
+
+
+def test_aspect_sizes_are_buckets():
+    for target in (64, 96):
+        buckets = generate_buckets(target)
+        for aspect, ratio in (("1:1", 1.0), ("2:1", 2.0), ("1:2", 0.5)):
+            w, h = aspect_size(aspect, target)
+            assert (w, h) in buckets and w / h == ratio
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scorer_reads_back_drawn_shapes(shape):
+    for i, (color, bg) in enumerate([("red", "blue"), ("white", "black"), ("yellow", "green")]):
+        img, mask = draw_shape(shape, color, bg, (96, 96))
+        a = analyze_image(img)
+        assert (a.background, a.color, a.shape) == (bg, color, shape)
+        assert mask_iou(mask, mask) == 1.0
+    # a noise image is not read as a clean shape of the right kind and colors for every draw
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    from PIL import Image
+
+    a = analyze_image(Image.fromarray(noise))
+    assert a.fill_ratio < 0.9 or a.shape != "square" or a.color is None
+
+
+def test_items_are_reproducible_and_varied():
+    a, b = make_item(5, seed=3), make_item(5, seed=3)
+    assert a.caption == b.caption and np.array_equal(np.array(a.image), np.array(b.image))
+    captions = {make_item(i).caption for i in range(200)}
+    assert len(captions) > 50
+    assert all(make_item(i).color != make_item(i).background for i in range(50))
+    assert {make_item(i).color for i in range(200)} == set(COLORS)
+
+
+def test_mask_iou_partial():
+    from PIL import Image
+
+    a = np.zeros((10, 10), np.uint8)
+    b = np.zeros((10, 10), np.uint8)
+    a[:, :5] = 255
+    b[:, :4] = 255
+    assert mask_iou(Image.fromarray(a), Image.fromarray(b)) == pytest.approx(40 / 50)
+
+
+def test_compact_tokenizer_keeps_real_ids_and_shortens_prompts():
+    corpus = [text_to_image_prompt(make_item(i).caption, 96, 96) for i in range(100)]
+    tok = build_compact_tokenizer(corpus, text_vocab_size=400)
+    assert tok.convert_tokens_to_ids(["<s>", "<pad>", "<racm3:break>", "<eoss>", "<reserved08706>", "<reserved08799>"]) == [
+        0, 1, 8197, 8196, 8710, 8803,
+    ]
+    assert len(tok) < 9200 + 400
+    ids = tok(corpus[0], add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == corpus[0]
+    assert len(ids) < len(corpus[0]) / 3  # trained merges, not bytes
+    assert min(ids) >= 9200
+
+
+def test_vqgan_trainer_learns_and_saves(tmp_path):
+    from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
+    from lumina_hf.training.vqgan import VQGANTrainingConfig, train_vqgan
+
+    cfg = VQGANTrainingConfig(
+        output_dir=str(tmp_path / "vq"), target_sizes=[48], steps=40, batch_size=4, num_embeddings=64,
+        channel_multiplier=[1, 1, 1, 1, 1], learning_rate=1e-3, restart_dead_codes_every=10,
+    )
+    torch.manual_seed(0)
+    out = train_vqgan(cfg, progress=False)
+    vq = LuminaMGPTVQGAN.from_pretrained(out).eval()
+    fresh = LuminaMGPTVQGAN(cfg.vq_config()).eval()
+    from lumina_hf.image_processing_lumina_mgpt import pil_to_tensor
+
+    x = torch.stack([pil_to_tensor(make_item(i, seed=99, target_size=48, aspects=("1:1",)).image) for i in range(8)])
+    err_trained = (vq.decode_codes(vq.encode_to_codes(x)) - x).abs().mean()
+    err_fresh = (fresh.decode_codes(fresh.encode_to_codes(x)) - x).abs().mean()
+    assert err_trained < 0.9 * err_fresh
+    with pytest.raises(ValueError, match="exists"):
+        train_vqgan(cfg, progress=False)
+
+
+def test_vqgan_config_rejects_unknown_keys(tmp_path):
+    from lumina_hf.training.vqgan import VQGANTrainingConfig
+
+    p = tmp_path / "c.yaml"
+    p.write_text("output_dir: x\nstepz: 3\n")
+    with pytest.raises(ValueError, match="stepz"):
+        VQGANTrainingConfig.from_yaml(str(p))
+
+
+def test_build_init_and_export(tmp_path):
+    from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
+    from lumina_hf.nano.build import export, init_model
+    from lumina_hf.training.vqgan import VQGANTrainingConfig
+
+    cfg = VQGANTrainingConfig(output_dir="unused", num_embeddings=64, channel_multiplier=[1, 1, 1, 1, 1])
+    LuminaMGPTVQGAN(cfg.vq_config()).save_pretrained(tmp_path / "vq")
+    init_model(str(tmp_path / "vq"), str(tmp_path / "init"), target_size=64, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    pipe = LuminaMGPTPipeline.from_pretrained(tmp_path / "init")
+    assert pipe.model.config.vocab_size == len(pipe.processor.tokenizer) < 10_000
+    vq = LuminaMGPTVQGAN.from_pretrained(tmp_path / "vq")
+    assert all(torch.equal(v, pipe.model.vqmodel.state_dict()[k]) for k, v in vq.state_dict().items())
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red circle on a blue background", height=64, width=32, generator=torch.Generator().manual_seed(0)).images[0]
+    assert img.size == (32, 64)
+    export(str(tmp_path / "init"), str(tmp_path / "exported"), target_size=96)
+    again = LuminaMGPTPipeline.from_pretrained(tmp_path / "exported")
+    assert again.processor.image_processor.target_size == 96
+    for k, v in pipe.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
