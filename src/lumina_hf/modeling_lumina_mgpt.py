@@ -322,6 +322,9 @@ class LuminaMGPTForConditionalGeneration(LuminaMGPTPreTrainedModel, GenerationMi
         Image generation with guidance lives in `lumina_hf.generation_lumina_mgpt.generate_images`."""
         if pixel_values is not None:
             input_ids, _ = self.fill_image_placeholders(input_ids, pixel_values)
+        # `generation_config.guidance_scale` holds the *image* guidance the pipeline uses (4.0); transformers
+        # would apply it to text as its own second-forward CFG. Text generation is unguided unless asked.
+        kwargs.setdefault("guidance_scale", 1.0)
         return super().generate(input_ids=input_ids, **kwargs)
 
 
