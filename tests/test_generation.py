@@ -371,3 +371,13 @@ def test_text_generate_with_pixel_values_matches_offline_ids(model):
         model.generation_config.guidance_scale = None
     assert torch.equal(a, b)
     assert a[0, : manual.shape[1]].tolist() == manual[0].tolist()
+
+
+def test_cli_default_model_is_nano_with_a_clear_error_when_absent(tmp_path, monkeypatch):
+    import lumina_hf.nano as nano
+    from lumina_hf.cli import main
+
+    monkeypatch.setattr(nano, "WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    with pytest.raises(SystemExit, match="nano model is not in this installation"):
+        main(["generate", "a red circle", "-o", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()

@@ -10,6 +10,7 @@ import tempfile
 logger = logging.getLogger("lumina_hf")
 
 TINY_RANDOM = "tiny-random"
+NANO = "nano"
 
 # Modules that add a subcommand: each defines `add_cli(subparsers)`, which adds its parser and sets
 # `func` (called with the parsed args, returns an exit code).
@@ -28,6 +29,14 @@ def _load_pipeline(model: str, device: str, dtype: str | None):
     from .pipeline_lumina_mgpt import LuminaMGPTPipeline
 
     torch_dtype = getattr(torch, dtype) if dtype else None
+    if model == NANO:
+        from .nano import load_nano_pipeline
+
+        try:
+            pipe = load_nano_pipeline(**({"torch_dtype": torch_dtype} if torch_dtype is not None else {}))
+        except FileNotFoundError as err:
+            raise SystemExit(f"error: {err}") from err
+        return pipe.to(device)
     if model == TINY_RANDOM:
         from .tiny import build_tiny_model, build_tiny_processor
 
@@ -111,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default=None, help="caption (or instruction/object for Omni tasks)")
     g.add_argument(
         "--model",
-        required=True,
-        help=f"a lumina_hf pipeline folder or Hub id; '{TINY_RANDOM}' builds a random tiny model (noise) to check the install",
+        default=NANO,
+        help=f"a lumina_hf pipeline folder or Hub id; '{NANO}' (default) is the small model shipped with the package "
+        f"(recipes/nano); '{TINY_RANDOM}' builds a random tiny model (noise) to check the install",
     )
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
