@@ -46,12 +46,7 @@ ARCH_7B = dict(num_attention_heads=4, num_key_value_heads=4, model_parallel_size
 ARCH_34B = dict(num_attention_heads=8, num_key_value_heads=2, model_parallel_size=2, swin_norm=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ published-format inputs

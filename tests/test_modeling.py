@@ -26,13 +26,7 @@ IMG_LO, IMG_HI = 4, 8195  # image-code token ids, inclusive
 NON_IMAGE_IDS = torch.cat([torch.arange(0, IMG_LO), torch.arange(IMG_HI + 1, VOCAB)])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- helpers

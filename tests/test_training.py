@@ -34,13 +34,7 @@ SEED = 42
 TARGET = 32  # 2x2 code grids: 10 UniRep tokens per image keeps the 65536-wide LM head cheap on CPU
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine is a busy 2-core CPU: a single intra-op thread is several times faster than two contending
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_recipe(output_dir, **overrides):
