@@ -5,7 +5,7 @@ set -euo pipefail
 RUNS=${RUNS:-runs/nano}
 T2I=${T2I:-4000}; SEG=${SEG:-1500}; DESC=${DESC:-1500}
 EXTRA=${EXTRA:-}   # extra `lumina-hf train` overrides, e.g. "--max_steps 5" for a smoke run
-python -m lumina_hf.nano.build init --vqgan "$RUNS/vqgan" --out "$RUNS/init" --target-size 64
+[ -d "$RUNS/init" ] || python -m lumina_hf.nano.build init --vqgan "$RUNS/vqgan" --out "$RUNS/init" --target-size 64
 [ -d "$RUNS/raw64" ] || python -m lumina_hf.nano.build data --target-size 64 --t2i "$T2I" --out "$RUNS/raw64"
 [ -d "$RUNS/raw96" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i "$T2I" --segmentation "$SEG" --describe "$DESC" --out "$RUNS/raw96" --seed 1
 M="--model $RUNS/init/model --processor $RUNS/init/processor --no-progress"
