@@ -23,7 +23,15 @@ def main():
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
     ap.add_argument("--tasks", default="t2i,segmentation,describe")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="text-to-image override of the model's default")
+    ap.add_argument("--top-k", type=int, default=None, help="text-to-image override of the model's default")
+    ap.add_argument("--temperature", type=float, default=None, help="text-to-image override of the model's default")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("top_k", args.top_k),
+                                   ("temperature", args.temperature)) if v is not None}
     if args.model == "nano":
         from lumina_hf.nano import load_nano_pipeline
 
@@ -33,9 +41,9 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     torch.set_grad_enabled(False)
     t = time.perf_counter()
-    score = evaluate_shapes(pipe, n=args.n, seed=args.seed, tasks=tuple(args.tasks.split(",")))
+    score = evaluate_shapes(pipe, n=args.n, seed=args.seed, tasks=tuple(args.tasks.split(",")), **overrides)
     dt = time.perf_counter() - t
-    print(f"\nmodel={args.model} n={args.n} per task, seed={args.seed}, {dt:.0f} s")
+    print(f"\nmodel={args.model} n={args.n} per task, seed={args.seed}, {dt:.0f} s, t2i overrides {overrides or 'none'}")
     print(f"{'metric':20s} {'score':>8s} {'target':>8s} {'ok':>4s}")
     for name, value in score.rates().items():
         target = TARGETS.get(name)

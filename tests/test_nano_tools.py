@@ -35,6 +35,21 @@ def test_scorer_reads_back_drawn_shapes(shape):
     assert a.fill_ratio < 0.9 or a.shape != "square" or a.color is None
 
 
+def test_scorer_ignores_stray_pixels_away_from_the_shape():
+    # a generated image may carry specks of the shape color elsewhere; the shape is the largest connected
+    # region, so a speck in a corner must not stretch the bounding box (it would read a circle as a triangle)
+    from PIL import Image
+
+    for shape in SHAPES:
+        img, _ = draw_shape(shape, "red", "blue", (96, 96))
+        arr = np.array(img)
+        arr[2:5, 90:93] = COLORS["red"]
+        arr[88:91, 3:6] = COLORS["red"]
+        a = analyze_image(Image.fromarray(arr))
+        assert (a.background, a.color, a.shape) == ("blue", "red", shape)
+        assert a.mask[3, 91] == 0 and a.mask.sum() == (np.array(img) == COLORS["red"]).all(-1).sum()
+
+
 def test_items_are_reproducible_and_varied():
     a, b = make_item(5, seed=3), make_item(5, seed=3)
     assert a.caption == b.caption and np.array_equal(np.array(a.image), np.array(b.image))
@@ -89,6 +104,40 @@ def test_vqgan_trainer_learns_and_saves(tmp_path):
         train_vqgan(cfg, progress=False)
 
 
+def test_vqgan_lr_schedule():
+    from lumina_hf.training.vqgan import VQGANTrainingConfig
+
+    cfg = VQGANTrainingConfig(output_dir="x", steps=110, learning_rate=1e-3, lr_warmup_steps=10, lr_schedule="cosine",
+                              min_lr_ratio=0.1)
+    lrs = [cfg.lr_at(s) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # halfway through the decay
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] > 1e-4
+    assert VQGANTrainingConfig(output_dir="x").lr_at(500) == 5e-4  # constant by default
+
+
+def test_vqgan_continues_bf16_with_checkpoints(tmp_path):
+    from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
+    from lumina_hf.training.vqgan import VQGANTrainingConfig, train_vqgan
+
+    small = dict(target_sizes=[48], batch_size=2, num_embeddings=64, channel_multiplier=[1, 1, 1, 1, 1])
+    first = train_vqgan(VQGANTrainingConfig(output_dir=str(tmp_path / "a"), steps=2, **small), progress=False)
+    cfg = VQGANTrainingConfig(output_dir=str(tmp_path / "b"), steps=4, init_from=first, bf16=True, save_every=2,
+                              restart_dead_codes_every=0, **small)
+    out = train_vqgan(cfg, progress=False)
+    assert sorted(p.name for p in (tmp_path / "b-checkpoints").iterdir()) == ["step-2"]
+    a, b = LuminaMGPTVQGAN.from_pretrained(first), LuminaMGPTVQGAN.from_pretrained(out)
+    assert next(b.parameters()).dtype == torch.float32
+    # continued from `first` (the codebook was not re-initialised) and trained further
+    assert torch.allclose(a.quantize.embedding.weight, b.quantize.embedding.weight, atol=0.05)
+    assert not torch.equal(a.decoder.conv_out.weight, b.decoder.conv_out.weight)
+    wrong = VQGANTrainingConfig(output_dir=str(tmp_path / "c"), steps=1, init_from=first,
+                                **{**small, "num_embeddings": 32})
+    with pytest.raises(ValueError, match="num_embeddings"):
+        train_vqgan(wrong, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
 def test_vqgan_config_rejects_unknown_keys(tmp_path):
     from lumina_hf.training.vqgan import VQGANTrainingConfig
 
@@ -119,3 +168,19 @@ def test_build_init_and_export(tmp_path):
     assert again.processor.image_processor.target_size == 96
     for k, v in pipe.model.state_dict().items():
         assert torch.equal(v, again.model.state_dict()[k]), k
+    # the shipped form: LM weights in bf16 (the VQGAN stays fp32), sampling defaults in generation_config
+    export(str(tmp_path / "init"), str(tmp_path / "half"), dtype="bfloat16", guidance_scale=2.5, image_top_k=64)
+    half = LuminaMGPTPipeline.from_pretrained(tmp_path / "half", dtype=torch.float32)
+    assert half.model.generation_config.guidance_scale == 2.5 and half._default("image_top_k", None) == 64
+    from safetensors import safe_open
+
+    dtypes = {}
+    for f in (tmp_path / "half" / "model").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            dtypes.update({k: fh.get_slice(k).get_dtype() for k in fh.keys()})
+    assert {d for k, d in dtypes.items() if "vqmodel" in k} == {"F32"}
+    assert {d for k, d in dtypes.items() if "vqmodel" not in k} == {"BF16"}
+    for k, v in pipe.model.state_dict().items():
+        assert torch.equal(v.to(torch.bfloat16).float() if "vqmodel" not in k else v, half.model.state_dict()[k]), k
+    with pytest.raises(ValueError, match="unknown sampling"):
+        export(str(tmp_path / "init"), str(tmp_path / "bad"), guidance=2.0)

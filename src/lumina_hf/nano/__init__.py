@@ -24,9 +24,14 @@ def nano_path() -> str:
 
 
 def load_nano_pipeline(**kwargs):
-    """`LuminaMGPTPipeline` of the shipped nano model (CPU, float32 unless `torch_dtype` is given)."""
+    """`LuminaMGPTPipeline` of the shipped nano model on CPU. The language model is stored in bf16 to keep the
+    package small; it computes in float32 unless `dtype` is given."""
+    import torch
+
     from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
 
+    if "torch_dtype" not in kwargs:
+        kwargs.setdefault("dtype", torch.float32)
     return LuminaMGPTPipeline.from_pretrained(nano_path(), **kwargs)
 
 

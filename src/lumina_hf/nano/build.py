@@ -137,8 +137,15 @@ def init_model(vqgan_dir: str, out: str, target_size: int = 64, seed: int = 0, *
         raise
 
 
-def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float32") -> None:
-    """Copy a trained model (pipeline folder or model folder + processor) into a clean pipeline folder."""
+def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float32", **sampling) -> None:
+    """Copy a trained model (pipeline folder or model folder + processor) into a clean pipeline folder.
+
+    `dtype="bfloat16"` stores the language model in bf16 (half the size; the VQGAN stays fp32);
+    `load_nano_pipeline` computes in fp32 from it. `sampling` (guidance_scale, image_top_k, temperature,
+    text_top_k) become the model's generation_config defaults, which the pipeline reads."""
+    known = {"guidance_scale", "image_top_k", "temperature", "text_top_k"}
+    if set(sampling) - known:
+        raise ValueError(f"unknown sampling defaults {sorted(set(sampling) - known)}; known: {sorted(known)}.")
     from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
     from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
 
@@ -148,6 +155,11 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
     processor = LuminaMGPTProcessor.from_pretrained(src_proc)
     processor.image_processor.target_size = target_size
     model.config.dropout = 0.0
+    for key, value in sampling.items():
+        if value is not None:
+            setattr(model.generation_config, key, value)
+    # a generation config marked as derived from the model config loses its extra keys (image_top_k, ...) on load
+    model.generation_config._from_model_config = False
     tmp = _atomic_dir(out)
     try:
         LuminaMGPTPipeline(model=model.eval(), processor=processor).save_pretrained(tmp)
@@ -177,6 +189,10 @@ def main(argv=None) -> int:
     e.add_argument("--model", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--target-size", type=int, default=96)
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--guidance-scale", type=float, default=None)
+    e.add_argument("--image-top-k", type=int, default=None)
+    e.add_argument("--temperature", type=float, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if args.cmd == "data":
@@ -184,7 +200,8 @@ def main(argv=None) -> int:
     elif args.cmd == "init":
         init_model(args.vqgan, args.out, args.target_size)
     else:
-        export(args.model, args.out, args.target_size)
+        export(args.model, args.out, args.target_size, args.dtype, guidance_scale=args.guidance_scale,
+               image_top_k=args.image_top_k, temperature=args.temperature)
     return 0
 
 

@@ -42,9 +42,11 @@ class ShapesScore:
 
 
 def evaluate_shapes(
-    pipe, n: int = 30, seed: int = EVAL_SEED, tasks=("t2i", "segmentation", "describe"), batch_size: int = 6
+    pipe, n: int = 30, seed: int = EVAL_SEED, tasks=("t2i", "segmentation", "describe"), batch_size: int = 6,
+    **t2i_kwargs,
 ) -> ShapesScore:
-    """Generate for `n` held-out items per task and score them. Text-to-image prompts are batched per aspect."""
+    """Generate for `n` held-out items per task and score them. Text-to-image prompts are batched per aspect;
+    `t2i_kwargs` (guidance_scale, top_k, temperature) override the model's sampling defaults for them."""
     target = pipe.processor.image_processor.target_size
     score = ShapesScore()
     items = [make_item(i, seed=seed, target_size=target) for i in range(n)]
@@ -55,7 +57,7 @@ def evaluate_shapes(
             for start in range(0, len(group), batch_size):
                 chunk = group[start : start + batch_size]
                 gens = [torch.Generator().manual_seed(seed + i) for i, _ in chunk]
-                out = pipe([it.caption for _, it in chunk], height=h, width=w, generator=gens)
+                out = pipe([it.caption for _, it in chunk], height=h, width=w, generator=gens, **t2i_kwargs)
                 for (_, it), img in zip(chunk, out.images):
                     a = analyze_image(img)
                     score.n += 1

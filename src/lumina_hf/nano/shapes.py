@@ -114,10 +114,38 @@ class ShapeAnalysis:
     mask: np.ndarray
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (a plain flood fill: these images are tiny, and scipy
+    is not a runtime dependency)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    best: list[tuple[int, int]] = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        stack, region = [(int(y0), int(x0))], []
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask, dtype=bool)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
 def analyze_image(image: PIL.Image.Image) -> ShapeAnalysis:
     """Read back background color (most common palette color on the border), shape color (most common other
     palette color inside) and shape kind from the fill ratio of the shape's bounding box: a square fills
-    ~1.0, a circle ~0.785, a triangle ~0.5."""
+    ~1.0, a circle ~0.785, a triangle ~0.5. The shape is the largest connected region of its color, so stray
+    pixels elsewhere do not stretch the box; a region under 2% of the image counts as no shape."""
     arr = np.asarray(image.convert("RGB"))
     labels = _color_labels(arr)
     names = list(COLORS)
@@ -127,7 +155,9 @@ def analyze_image(image: PIL.Image.Image) -> ShapeAnalysis:
     if fg_mask.sum() < 0.02 * labels.size:
         return ShapeAnalysis(names[bg], None, None, 0.0, fg_mask)
     color = int(np.bincount(labels[fg_mask], minlength=len(names)).argmax())
-    shape_mask = labels == color
+    shape_mask = largest_component(labels == color)
+    if shape_mask.sum() < 0.02 * labels.size:
+        return ShapeAnalysis(names[bg], names[color], None, 0.0, shape_mask)
     ys, xs = np.nonzero(shape_mask)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = float(shape_mask.sum() / box)
@@ -152,6 +182,7 @@ __all__ = [
     "aspect_size",
     "caption_for",
     "draw_shape",
+    "largest_component",
     "make_item",
     "mask_iou",
     "nearest_color",
