@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole Lumina-mGPT-nano build after the VQGAN (stage 0), as in recipes/nano/README.md.
-# RUNS=runs/nano by default; set T2I/SEG/DESC to change the data sizes.
+# RUNS=runs/nano by default; VQGAN=$RUNS/vqgan_refined (stage 0b's output); set T2I/SEG/DESC to change the data sizes.
 set -euo pipefail
 RUNS=${RUNS:-runs/nano}
+VQGAN=${VQGAN:-$RUNS/vqgan_refined}
 T2I=${T2I:-4000}; SEG=${SEG:-1500}; DESC=${DESC:-1500}
 EXTRA=${EXTRA:-}   # extra `lumina-hf train` overrides, e.g. "--max_steps 5" for a smoke run
-[ -d "$RUNS/init" ] || python -m lumina_hf.nano.build init --vqgan "$RUNS/vqgan" --out "$RUNS/init" --target-size 64
+[ -d "$RUNS/init" ] || python -m lumina_hf.nano.build init --vqgan "$VQGAN" --out "$RUNS/init" --target-size 64
 [ -d "$RUNS/raw64" ] || python -m lumina_hf.nano.build data --target-size 64 --t2i "$T2I" --out "$RUNS/raw64"
 [ -d "$RUNS/raw96" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i "$T2I" --segmentation "$SEG" --describe "$DESC" --out "$RUNS/raw96" --seed 1
 M="--model $RUNS/init/model --processor $RUNS/init/processor --no-progress"
@@ -16,6 +17,8 @@ lumina-hf train --config recipes/nano/fp_sft/config_64.yaml --model_name_or_path
   --dataset_mixture "[{path: $RUNS/tok64/t2i}]" --output_dir "$RUNS/fp_sft_64" $EXTRA
 lumina-hf train --config recipes/nano/fp_sft/config_96.yaml --model_name_or_path "$RUNS/fp_sft_64" \
   --dataset_mixture "[{path: $RUNS/tok96/t2i}]" --output_dir "$RUNS/fp_sft_96" $EXTRA
-lumina-hf train --config recipes/nano/omni_sft/config.yaml --model_name_or_path "$RUNS/fp_sft_96" \
-  --dataset_mixture "[{path: $RUNS/tok96/t2i, weight: 0.5}, {path: $RUNS/tok96/omni}]" --output_dir "$RUNS/omni" $EXTRA
+lumina-hf train --config recipes/nano/fp_sft/config_96.yaml --model_name_or_path "$RUNS/fp_sft_96" \
+  --dataset_mixture "[{path: $RUNS/tok96/t2i}]" --output_dir "$RUNS/fp_sft_96b" --num_train_epochs 10 --learning_rate 7e-4 $EXTRA
+lumina-hf train --config recipes/nano/omni_sft/config.yaml --model_name_or_path "$RUNS/fp_sft_96b" \
+  --dataset_mixture "[{path: $RUNS/tok96/t2i, weight: 1.0}, {path: $RUNS/tok96/omni}]" --output_dir "$RUNS/omni" $EXTRA
 python -m lumina_hf.nano.build export --model "$RUNS/omni" --out "$RUNS/export" --target-size 96

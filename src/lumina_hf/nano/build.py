@@ -155,6 +155,10 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
     processor = LuminaMGPTProcessor.from_pretrained(src_proc)
     processor.image_processor.target_size = target_size
     model.config.dropout = 0.0
+    # no local build paths in the shipped configs
+    model.config._name_or_path = ""
+    if getattr(model.config, "vq_config", None) is not None:
+        model.config.vq_config._name_or_path = ""
     for key, value in sampling.items():
         if value is not None:
             setattr(model.generation_config, key, value)

@@ -375,6 +375,11 @@ def build_trainer(recipe: Recipe, model=None, processor=None, train_dataset=None
         set_residual_dropout(model, recipe.model.dropout)
     if processor is None:
         raise ValueError("a processor is needed with a model passed in.")
+    if recipe.data.target_size is not None:
+        # the stage's output generates at the size it was trained at (FP-SFT 512 -> 768 -> 1024)
+        from .data import _with_target_size
+
+        processor = _with_target_size(processor, recipe.data.target_size)
     model.model.vqmodel.requires_grad_(False)
     if train_dataset is None:
         train_dataset, eval_dataset = build_datasets(recipe.data, training, model, processor)
@@ -423,7 +428,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, callbacks=None) -> Trainin
     peft_config = trainer.model.peft_config.get("default") if recipe.lora.use_peft else None
     result = TrainingResult(recipe=recipe, trainer=trainer, peft_config=peft_config, output_dir=training.output_dir,
                             metrics=dict(train_out.metrics))
-    save_outputs(trainer, recipe, processor, result)
+    save_outputs(trainer, recipe, trainer.processing_class, result)  # the processor at the stage's target size
     return result
 
 
