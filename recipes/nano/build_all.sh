@@ -21,4 +21,11 @@ lumina-hf train --config recipes/nano/fp_sft/config_96.yaml --model_name_or_path
   --dataset_mixture "[{path: $RUNS/tok96/t2i}]" --output_dir "$RUNS/fp_sft_96b" --num_train_epochs 10 --learning_rate 7e-4 $EXTRA
 lumina-hf train --config recipes/nano/omni_sft/config.yaml --model_name_or_path "$RUNS/fp_sft_96b" \
   --dataset_mixture "[{path: $RUNS/tok96/t2i, weight: 1.0}, {path: $RUNS/tok96/omni}]" --output_dir "$RUNS/omni" $EXTRA
-python -m lumina_hf.nano.build export --model "$RUNS/omni" --out "$RUNS/export" --target-size 96
+[ -d "$RUNS/raw96_more" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((2 * T2I)) --segmentation $((2 * SEG)) --describe $((2 * DESC)) --out "$RUNS/raw96_more" --seed 2
+lumina-hf tokenize "$RUNS/raw96_more/t2i" -o "$RUNS/tok96_more/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
+lumina-hf tokenize "$RUNS/raw96_more/omni.json" -o "$RUNS/tok96_more/omni" $M --target-size 96 --max-length 200
+lumina-hf train --config recipes/nano/omni_sft/config.yaml --model_name_or_path "$RUNS/omni" --num_train_epochs 3 \
+  --dataset_mixture "[{path: $RUNS/tok96/t2i}, {path: $RUNS/tok96/omni}, {path: $RUNS/tok96_more/t2i}, {path: $RUNS/tok96_more/omni}]" \
+  --output_dir "$RUNS/omni_c" $EXTRA
+python -m lumina_hf.nano.build export --model "$RUNS/omni_c" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
+  --guidance-scale 1.5 --image-top-k 10
