@@ -184,3 +184,42 @@ def test_build_init_and_export(tmp_path):
         assert torch.equal(v.to(torch.bfloat16).float() if "vqmodel" not in k else v, half.model.state_dict()[k]), k
     with pytest.raises(ValueError, match="unknown sampling"):
         export(str(tmp_path / "init"), str(tmp_path / "bad"), guidance=2.0)
+
+
+def test_grow_keeps_the_function_and_adds_trainable_blocks(tmp_path):
+    from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
+    from lumina_hf.nano.build import grow_model, init_model
+    from lumina_hf.training.vqgan import VQGANTrainingConfig
+
+    cfg = VQGANTrainingConfig(output_dir="unused", num_embeddings=64, channel_multiplier=[1, 1, 1, 1, 1])
+    LuminaMGPTVQGAN(cfg.vq_config()).save_pretrained(tmp_path / "vq")
+    init_model(str(tmp_path / "vq"), str(tmp_path / "init"), target_size=64, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    src = LuminaMGPTPipeline.from_pretrained(tmp_path / "init")
+    with pytest.raises(ValueError, match="already has 2 decoder layers"):
+        grow_model(str(tmp_path / "init"), str(tmp_path / "same"), num_hidden_layers=2)
+    assert not (tmp_path / "same").exists()
+    grow_model(str(tmp_path / "init"), str(tmp_path / "grown"), num_hidden_layers=5)
+    with pytest.raises(ValueError, match="exists"):
+        grow_model(str(tmp_path / "init"), str(tmp_path / "grown"), num_hidden_layers=6)
+    grown = LuminaMGPTPipeline.from_pretrained(tmp_path / "grown")
+    assert grown.model.config.num_hidden_layers == 5
+    # trained blocks spread evenly (new index i * 5 // 2): 0 -> 0, 1 -> 2
+    for new_i, old_i in ((0, 0), (2, 1)):
+        for k, v in src.model.model.layers[old_i].state_dict().items():
+            assert torch.equal(v, grown.model.model.layers[new_i].state_dict()[k]), k
+    for new_i in (1, 3, 4):
+        block = grown.model.model.layers[new_i]
+        assert not block.self_attn.o_proj.weight.any() and not block.mlp.down_proj.weight.any()
+        assert block.self_attn.q_proj.weight.std() > 0
+    ids = torch.randint(0, src.model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = src.model(input_ids=ids).logits
+        b = grown.model(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the new blocks learn: one gradient step through the grown model reaches their zeroed outputs
+    grown.model.train()
+    loss = grown.model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert grown.model.model.layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0
+    assert grown.model.model.layers[4].mlp.down_proj.weight.grad.abs().sum() > 0

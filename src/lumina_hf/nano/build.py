@@ -2,11 +2,13 @@
 
     python -m lumina_hf.nano.build data --target-size 64 --t2i 3000 --out runs/nano/data64
     python -m lumina_hf.nano.build init --vqgan runs/nano/vqgan --out runs/nano/init
+    python -m lumina_hf.nano.build grow --model runs/nano/omni --out runs/nano/grown --layers 8
     python -m lumina_hf.nano.build export --model runs/nano/omni --out src/lumina_hf/nano/weights
 
 `data` writes the raw items in the formats `lumina-hf tokenize` reads (a `datasets` folder of image +
 caption for text-to-image, the original conversation JSON for the Omni tasks); `init` assembles the
-untrained language model around the trained VQGAN with a compact tokenizer; `export` writes the final
+untrained language model around the trained VQGAN with a compact tokenizer; `grow` deepens a trained model
+without changing what it computes (new blocks start as identities); `export` writes the final
 pipeline folder (safetensors) that ships with the package.
 """
 
@@ -137,6 +139,65 @@ def init_model(vqgan_dir: str, out: str, target_size: int = 64, seed: int = 0, *
         raise
 
 
+def _pipeline_parts(model_dir: str):
+    """(model folder, processor folder) of a pipeline folder, or the folder itself for both."""
+    src_model = os.path.join(model_dir, "model") if os.path.isdir(os.path.join(model_dir, "model")) else model_dir
+    src_proc = os.path.join(model_dir, "processor") if os.path.isdir(os.path.join(model_dir, "processor")) else model_dir
+    return src_model, src_proc
+
+
+def grow_model(model_dir: str, out: str, num_hidden_layers: int, seed: int = 0) -> None:
+    """Deepen a trained language model to `num_hidden_layers` decoder blocks, keeping its function.
+
+    The trained blocks keep their order and are spread evenly; each new block is freshly initialised except
+    its two residual-branch outputs (attention `o_proj`, MLP `down_proj`), which start at zero, so the new
+    block adds nothing until training moves them (block expansion, as in LLaMA Pro). Embeddings, final norm,
+    head and VQGAN are copied. This lets the nano model gain capacity without repeating its earlier stages."""
+    from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
+    from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
+
+    src_model, src_proc = _pipeline_parts(model_dir)
+    config = LuminaMGPTForConditionalGeneration.config_class.from_pretrained(src_model)
+    old = config.num_hidden_layers
+    if num_hidden_layers <= old:
+        raise ValueError(
+            f"the model already has {old} decoder layers; ask for more than {old} (e.g. --layers {2 * old})."
+        )
+    if os.path.exists(out):
+        raise ValueError(f"{out} exists: remove it or choose another folder.")
+    src = LuminaMGPTForConditionalGeneration.from_pretrained(src_model, dtype=torch.float32)
+    processor = LuminaMGPTProcessor.from_pretrained(src_proc)
+    config.num_hidden_layers = num_hidden_layers
+    torch.manual_seed(seed)
+    grown = LuminaMGPTForConditionalGeneration(config)
+    placed = {i * num_hidden_layers // old: i for i in range(old)}  # new index -> trained block
+    state = {}
+    for key, value in src.state_dict().items():
+        if key.startswith("model.layers."):
+            continue
+        state[key] = value
+    for new_i, block in enumerate(grown.model.layers):
+        if new_i in placed:
+            block.load_state_dict(src.model.layers[placed[new_i]].state_dict(), strict=True)
+        else:
+            with torch.no_grad():
+                block.self_attn.o_proj.weight.zero_()
+                block.mlp.down_proj.weight.zero_()
+    missing, unexpected = grown.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("model.layers.") for k in missing):
+        raise RuntimeError(f"grow: state dicts do not line up (missing {missing}, unexpected {unexpected}).")
+    grown.generation_config = src.generation_config
+    tmp = _atomic_dir(out)
+    try:
+        LuminaMGPTPipeline(model=grown.eval(), processor=processor).save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("grew %s from %d to %d layers (new blocks at %s) -> %s", model_dir, old, num_hidden_layers,
+                sorted(set(range(num_hidden_layers)) - set(placed)), out)
+
+
 def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float32", **sampling) -> None:
     """Copy a trained model (pipeline folder or model folder + processor) into a clean pipeline folder.
 
@@ -149,8 +210,7 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
     from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
     from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
 
-    src_model = os.path.join(model_dir, "model") if os.path.isdir(os.path.join(model_dir, "model")) else model_dir
-    src_proc = os.path.join(model_dir, "processor") if os.path.isdir(os.path.join(model_dir, "processor")) else model_dir
+    src_model, src_proc = _pipeline_parts(model_dir)
     model = LuminaMGPTForConditionalGeneration.from_pretrained(src_model, dtype=getattr(torch, dtype))
     processor = LuminaMGPTProcessor.from_pretrained(src_proc)
     processor.image_processor.target_size = target_size
@@ -189,6 +249,10 @@ def main(argv=None) -> int:
     i.add_argument("--vqgan", required=True)
     i.add_argument("--out", required=True)
     i.add_argument("--target-size", type=int, default=64)
+    g = sub.add_parser("grow")
+    g.add_argument("--model", required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--layers", type=int, required=True)
     e = sub.add_parser("export")
     e.add_argument("--model", required=True)
     e.add_argument("--out", required=True)
@@ -203,6 +267,8 @@ def main(argv=None) -> int:
         write_data(args.out, args.target_size, args.t2i, args.segmentation, args.describe, args.seed)
     elif args.cmd == "init":
         init_model(args.vqgan, args.out, args.target_size)
+    elif args.cmd == "grow":
+        grow_model(args.model, args.out, args.layers)
     else:
         export(args.model, args.out, args.target_size, args.dtype, guidance_scale=args.guidance_scale,
                image_top_k=args.image_top_k, temperature=args.temperature)

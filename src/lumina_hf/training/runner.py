@@ -364,6 +364,7 @@ class TrainingResult:
     pipeline_dir: str | None = None
     metrics: dict | None = None
     dry_run: bool = False
+    is_main_process: bool = True  # False on the other ranks of a distributed launch
 
 
 def build_trainer(recipe: Recipe, model=None, processor=None, train_dataset=None, eval_dataset=None, callbacks=None):
@@ -427,7 +428,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, callbacks=None) -> Trainin
     trainer.restore_model_config()
     peft_config = trainer.model.peft_config.get("default") if recipe.lora.use_peft else None
     result = TrainingResult(recipe=recipe, trainer=trainer, peft_config=peft_config, output_dir=training.output_dir,
-                            metrics=dict(train_out.metrics))
+                            metrics=dict(train_out.metrics), is_main_process=trainer.accelerator.is_main_process)
     save_outputs(trainer, recipe, trainer.processing_class, result)  # the processor at the stage's target size
     return result
 

@@ -72,7 +72,7 @@ def run(args) -> int:
         raise SystemExit(f"error: {err}") from err
     if result.dry_run:
         sys.stdout.write(_summary(recipe) + "\n")
-    else:
+    elif result.is_main_process:  # one line per launch, not one per rank
         written = [p for p in (result.pipeline_dir, result.adapter_dir) if p]
         sys.stdout.write(f"trained {args.config or 'recipe'}: {', '.join(written)}\n")
     return 0
