@@ -27,5 +27,13 @@ lumina-hf tokenize "$RUNS/raw96_more/omni.json" -o "$RUNS/tok96_more/omni" $M --
 lumina-hf train --config recipes/nano/omni_sft/config.yaml --model_name_or_path "$RUNS/omni" --num_train_epochs 3 \
   --dataset_mixture "[{path: $RUNS/tok96/t2i}, {path: $RUNS/tok96/omni}, {path: $RUNS/tok96_more/t2i}, {path: $RUNS/tok96_more/omni}]" \
   --output_dir "$RUNS/omni_c" $EXTRA
-python -m lumina_hf.nano.build export --model "$RUNS/omni_c" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
-  --guidance-scale 1.5 --image-top-k 10
+# steps 6-7: deepen to 8 blocks (new blocks start as identities) and train on a third fresh draw + the second one
+[ -d "$RUNS/grown8" ] || python -m lumina_hf.nano.build grow --model "$RUNS/omni_c" --out "$RUNS/grown8" --layers 8
+[ -d "$RUNS/raw96_3" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((4 * T2I)) --segmentation $((8 * SEG / 3)) --describe $((8 * DESC / 3)) --out "$RUNS/raw96_3" --seed 3
+lumina-hf tokenize "$RUNS/raw96_3/t2i" -o "$RUNS/tok96_3/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
+lumina-hf tokenize "$RUNS/raw96_3/omni.json" -o "$RUNS/tok96_3/omni" $M --target-size 96 --max-length 200
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/grown8" \
+  --dataset_mixture "[{path: $RUNS/tok96_3/t2i}, {path: $RUNS/tok96_3/omni}, {path: $RUNS/tok96_more/t2i}, {path: $RUNS/tok96_more/omni}]" \
+  --output_dir "$RUNS/omni_deep" $EXTRA
+python -m lumina_hf.nano.build export --model "$RUNS/omni_deep" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
+  --guidance-scale 1.0 --image-top-k 3
