@@ -35,5 +35,12 @@ lumina-hf tokenize "$RUNS/raw96_3/omni.json" -o "$RUNS/tok96_3/omni" $M --target
 lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/grown8" \
   --dataset_mixture "[{path: $RUNS/tok96_3/t2i}, {path: $RUNS/tok96_3/omni}, {path: $RUNS/tok96_more/t2i}, {path: $RUNS/tok96_more/omni}]" \
   --output_dir "$RUNS/omni_deep" $EXTRA
-python -m lumina_hf.nano.build export --model "$RUNS/omni_deep" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
-  --guidance-scale 1.0 --image-top-k 3
+# step 8: a fourth fresh draw, 2 more epochs over draws 4 and 3 at a lower rate
+[ -d "$RUNS/raw96_4" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((4 * T2I)) --segmentation $((8 * SEG / 3)) --describe $((8 * DESC / 3)) --out "$RUNS/raw96_4" --seed 4
+lumina-hf tokenize "$RUNS/raw96_4/t2i" -o "$RUNS/tok96_4/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
+lumina-hf tokenize "$RUNS/raw96_4/omni.json" -o "$RUNS/tok96_4/omni" $M --target-size 96 --max-length 200
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_deep" --num_train_epochs 2 --learning_rate 3e-4 \
+  --dataset_mixture "[{path: $RUNS/tok96_4/t2i}, {path: $RUNS/tok96_4/omni}, {path: $RUNS/tok96_3/t2i}, {path: $RUNS/tok96_3/omni}]" \
+  --output_dir "$RUNS/omni_deep2" $EXTRA
+python -m lumina_hf.nano.build export --model "$RUNS/omni_deep2" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
+  --guidance-scale 1.0 --image-top-k 5
