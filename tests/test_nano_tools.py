@@ -147,15 +147,23 @@ def test_vqgan_config_rejects_unknown_keys(tmp_path):
         VQGANTrainingConfig.from_yaml(str(p))
 
 
-def test_build_init_and_export(tmp_path):
+def _tiny_nano_init(tmp_path, num_hidden_layers: int) -> None:
+    """`tmp_path/vq` (an untrained small VQGAN) and `tmp_path/init` (`init_model` around it, a tiny LM)."""
     from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
-    from lumina_hf.nano.build import export, init_model
+    from lumina_hf.nano.build import init_model
     from lumina_hf.training.vqgan import VQGANTrainingConfig
 
     cfg = VQGANTrainingConfig(output_dir="unused", num_embeddings=64, channel_multiplier=[1, 1, 1, 1, 1])
     LuminaMGPTVQGAN(cfg.vq_config()).save_pretrained(tmp_path / "vq")
     init_model(str(tmp_path / "vq"), str(tmp_path / "init"), target_size=64, hidden_size=32, intermediate_size=64,
-               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+               num_hidden_layers=num_hidden_layers, num_attention_heads=2, num_key_value_heads=2)
+
+
+def test_build_init_and_export(tmp_path):
+    from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
+    from lumina_hf.nano.build import export
+
+    _tiny_nano_init(tmp_path, num_hidden_layers=1)
     pipe = LuminaMGPTPipeline.from_pretrained(tmp_path / "init")
     assert pipe.model.config.vocab_size == len(pipe.processor.tokenizer) < 10_000
     vq = LuminaMGPTVQGAN.from_pretrained(tmp_path / "vq")
@@ -187,14 +195,9 @@ def test_build_init_and_export(tmp_path):
 
 
 def test_grow_keeps_the_function_and_adds_trainable_blocks(tmp_path):
-    from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
-    from lumina_hf.nano.build import grow_model, init_model
-    from lumina_hf.training.vqgan import VQGANTrainingConfig
+    from lumina_hf.nano.build import grow_model
 
-    cfg = VQGANTrainingConfig(output_dir="unused", num_embeddings=64, channel_multiplier=[1, 1, 1, 1, 1])
-    LuminaMGPTVQGAN(cfg.vq_config()).save_pretrained(tmp_path / "vq")
-    init_model(str(tmp_path / "vq"), str(tmp_path / "init"), target_size=64, hidden_size=32, intermediate_size=64,
-               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    _tiny_nano_init(tmp_path, num_hidden_layers=2)
     src = LuminaMGPTPipeline.from_pretrained(tmp_path / "init")
     with pytest.raises(ValueError, match="already has 2 decoder layers"):
         grow_model(str(tmp_path / "init"), str(tmp_path / "same"), num_hidden_layers=2)

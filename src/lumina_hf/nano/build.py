@@ -38,6 +38,22 @@ def _atomic_dir(out: str):
     return tempfile.mkdtemp(prefix=".tmp-", dir=parent)
 
 
+def _save_pipeline(model, processor, out: str, replace: bool = False) -> None:
+    """Save a pipeline folder through a temporary sibling folder and a rename: nothing half-written is left at
+    `out`. `replace` removes an existing `out` first (callers that must not overwrite check before any work)."""
+    from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
+
+    tmp = _atomic_dir(out)
+    try:
+        LuminaMGPTPipeline(model=model.eval(), processor=processor).save_pretrained(tmp)
+        if replace and os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_data(out: str, target_size: int, t2i: int, segmentation: int = 0, describe: int = 0, seed: int = 0) -> None:
     """Raw training items: `out/t2i` (a `datasets` folder with `image` and `text`) and, when asked,
     `out/omni.json` + `out/omni_images/` (conversation format) for segmentation and description."""
@@ -111,7 +127,6 @@ def init_model(vqgan_dir: str, out: str, target_size: int = 64, seed: int = 0, *
     from ..configuration_lumina_mgpt import LuminaMGPTConfig
     from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
     from ..modeling_vqgan import LuminaMGPTVQGAN
-    from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
     from ..tiny import build_compact_tokenizer
 
     if os.path.exists(out):
@@ -130,13 +145,7 @@ def init_model(vqgan_dir: str, out: str, target_size: int = 64, seed: int = 0, *
     model = LuminaMGPTForConditionalGeneration(config)
     model.model.vqmodel.load_state_dict(vq.state_dict(), strict=True)
     processor = LuminaMGPTProcessor(image_processor=LuminaMGPTImageProcessor(target_size=target_size), tokenizer=tokenizer)
-    tmp = _atomic_dir(out)
-    try:
-        LuminaMGPTPipeline(model=model.eval(), processor=processor).save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _save_pipeline(model, processor, out)
 
 
 def _pipeline_parts(model_dir: str):
@@ -154,7 +163,6 @@ def grow_model(model_dir: str, out: str, num_hidden_layers: int, seed: int = 0) 
     block adds nothing until training moves them (block expansion, as in LLaMA Pro). Embeddings, final norm,
     head and VQGAN are copied. This lets the nano model gain capacity without repeating its earlier stages."""
     from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
-    from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
 
     src_model, src_proc = _pipeline_parts(model_dir)
     config = LuminaMGPTForConditionalGeneration.config_class.from_pretrained(src_model)
@@ -187,13 +195,7 @@ def grow_model(model_dir: str, out: str, num_hidden_layers: int, seed: int = 0) 
     if unexpected or any(not k.startswith("model.layers.") for k in missing):
         raise RuntimeError(f"grow: state dicts do not line up (missing {missing}, unexpected {unexpected}).")
     grown.generation_config = src.generation_config
-    tmp = _atomic_dir(out)
-    try:
-        LuminaMGPTPipeline(model=grown.eval(), processor=processor).save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _save_pipeline(grown, processor, out)
     logger.info("grew %s from %d to %d layers (new blocks at %s) -> %s", model_dir, old, num_hidden_layers,
                 sorted(set(range(num_hidden_layers)) - set(placed)), out)
 
@@ -208,7 +210,6 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
     if set(sampling) - known:
         raise ValueError(f"unknown sampling defaults {sorted(set(sampling) - known)}; known: {sorted(known)}.")
     from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
-    from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
 
     src_model, src_proc = _pipeline_parts(model_dir)
     model = LuminaMGPTForConditionalGeneration.from_pretrained(src_model, dtype=getattr(torch, dtype))
@@ -224,15 +225,7 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
             setattr(model.generation_config, key, value)
     # a generation config marked as derived from the model config loses its extra keys (image_top_k, ...) on load
     model.generation_config._from_model_config = False
-    tmp = _atomic_dir(out)
-    try:
-        LuminaMGPTPipeline(model=model.eval(), processor=processor).save_pretrained(tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _save_pipeline(model, processor, out, replace=True)
 
 
 def main(argv=None) -> int:
