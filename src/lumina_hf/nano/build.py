@@ -179,11 +179,7 @@ def grow_model(model_dir: str, out: str, num_hidden_layers: int, seed: int = 0) 
     torch.manual_seed(seed)
     grown = LuminaMGPTForConditionalGeneration(config)
     placed = {i * num_hidden_layers // old: i for i in range(old)}  # new index -> trained block
-    state = {}
-    for key, value in src.state_dict().items():
-        if key.startswith("model.layers."):
-            continue
-        state[key] = value
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith("model.layers.")}
     for new_i, block in enumerate(grown.model.layers):
         if new_i in placed:
             block.load_state_dict(src.model.layers[placed[new_i]].state_dict(), strict=True)
@@ -256,15 +252,18 @@ def main(argv=None) -> int:
     e.add_argument("--temperature", type=float, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    if args.cmd == "data":
-        write_data(args.out, args.target_size, args.t2i, args.segmentation, args.describe, args.seed)
-    elif args.cmd == "init":
-        init_model(args.vqgan, args.out, args.target_size)
-    elif args.cmd == "grow":
-        grow_model(args.model, args.out, args.layers)
-    else:
-        export(args.model, args.out, args.target_size, args.dtype, guidance_scale=args.guidance_scale,
-               image_top_k=args.image_top_k, temperature=args.temperature)
+    try:
+        if args.cmd == "data":
+            write_data(args.out, args.target_size, args.t2i, args.segmentation, args.describe, args.seed)
+        elif args.cmd == "init":
+            init_model(args.vqgan, args.out, args.target_size)
+        elif args.cmd == "grow":
+            grow_model(args.model, args.out, args.layers)
+        else:
+            export(args.model, args.out, args.target_size, args.dtype, guidance_scale=args.guidance_scale,
+                   image_top_k=args.image_top_k, temperature=args.temperature)
+    except ValueError as err:  # bad input: the message names the problem and the fix, no traceback
+        raise SystemExit(f"error: {err}") from err
     return 0
 
 
