@@ -42,5 +42,13 @@ lumina-hf tokenize "$RUNS/raw96_4/omni.json" -o "$RUNS/tok96_4/omni" $M --target
 lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_deep" --num_train_epochs 2 --learning_rate 3e-4 \
   --dataset_mixture "[{path: $RUNS/tok96_4/t2i}, {path: $RUNS/tok96_4/omni}, {path: $RUNS/tok96_3/t2i}, {path: $RUNS/tok96_3/omni}]" \
   --output_dir "$RUNS/omni_deep2" $EXTRA
-python -m lumina_hf.nano.build export --model "$RUNS/omni_deep2" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
-  --guidance-scale 1.0 --image-top-k 5
+# step 9: deepen to 12 blocks, a fifth fresh draw, 2 epochs over draws 5 and 4
+[ -d "$RUNS/grown12" ] || python -m lumina_hf.nano.build grow --model "$RUNS/omni_deep2" --out "$RUNS/grown12" --layers 12
+[ -d "$RUNS/raw96_5" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((4 * T2I)) --segmentation $((8 * SEG / 3)) --describe $((8 * DESC / 3)) --out "$RUNS/raw96_5" --seed 5
+lumina-hf tokenize "$RUNS/raw96_5/t2i" -o "$RUNS/tok96_5/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
+lumina-hf tokenize "$RUNS/raw96_5/omni.json" -o "$RUNS/tok96_5/omni" $M --target-size 96 --max-length 200
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/grown12" --num_train_epochs 2 --learning_rate 4e-4 \
+  --dataset_mixture "[{path: $RUNS/tok96_5/t2i}, {path: $RUNS/tok96_5/omni}, {path: $RUNS/tok96_4/t2i}, {path: $RUNS/tok96_4/omni}]" \
+  --output_dir "$RUNS/omni_deep3" $EXTRA
+python -m lumina_hf.nano.build export --model "$RUNS/omni_deep3" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
+  --guidance-scale 1.0 --image-top-k 3

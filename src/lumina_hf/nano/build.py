@@ -38,14 +38,25 @@ def _atomic_dir(out: str):
     return tempfile.mkdtemp(prefix=".tmp-", dir=parent)
 
 
-def _save_pipeline(model, processor, out: str, replace: bool = False) -> None:
+def _save_pipeline(model, processor, out: str, replace: bool = False, compact_json: bool = False) -> None:
     """Save a pipeline folder through a temporary sibling folder and a rename: nothing half-written is left at
-    `out`. `replace` removes an existing `out` first (callers that must not overwrite check before any work)."""
+    `out`. `replace` removes an existing `out` first (callers that must not overwrite check before any work).
+    `compact_json` rewrites the JSON files without indentation (the shipped weights have a size budget, and the
+    config's 8192-entry vocabulary map and the tokenizer are mostly indentation)."""
     from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
 
     tmp = _atomic_dir(out)
     try:
         LuminaMGPTPipeline(model=model.eval(), processor=processor).save_pretrained(tmp)
+        if compact_json:
+            for root, _, files in os.walk(tmp):
+                for name in files:
+                    if name.endswith(".json"):
+                        path = os.path.join(root, name)
+                        with open(path, encoding="utf-8") as fh:
+                            data = json.load(fh)
+                        with open(path, "w", encoding="utf-8") as fh:
+                            json.dump(data, fh, ensure_ascii=False, separators=(",", ":"))
         if replace and os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -221,7 +232,7 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
             setattr(model.generation_config, key, value)
     # a generation config marked as derived from the model config loses its extra keys (image_top_k, ...) on load
     model.generation_config._from_model_config = False
-    _save_pipeline(model, processor, out, replace=True)
+    _save_pipeline(model, processor, out, replace=True, compact_json=True)
 
 
 def main(argv=None) -> int:
