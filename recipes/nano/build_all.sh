@@ -27,28 +27,30 @@ lumina-hf tokenize "$RUNS/raw96_more/omni.json" -o "$RUNS/tok96_more/omni" $M --
 lumina-hf train --config recipes/nano/omni_sft/config.yaml --model_name_or_path "$RUNS/omni" --num_train_epochs 3 \
   --dataset_mixture "[{path: $RUNS/tok96/t2i}, {path: $RUNS/tok96/omni}, {path: $RUNS/tok96_more/t2i}, {path: $RUNS/tok96_more/omni}]" \
   --output_dir "$RUNS/omni_c" $EXTRA
+# a fresh draw at 96 px (16000/4000/4000 with the default sizes), tokenized: fresh_draw SEED -> $RUNS/tok96_SEED
+fresh_draw() {
+  [ -d "$RUNS/raw96_$1" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((4 * T2I)) \
+    --segmentation $((8 * SEG / 3)) --describe $((8 * DESC / 3)) --out "$RUNS/raw96_$1" --seed "$1"
+  lumina-hf tokenize "$RUNS/raw96_$1/t2i" -o "$RUNS/tok96_$1/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
+  lumina-hf tokenize "$RUNS/raw96_$1/omni.json" -o "$RUNS/tok96_$1/omni" $M --target-size 96 --max-length 200
+}
+# the text-to-image + Omni mixture of two tokenized draws: mixture A B
+mixture() {
+  echo "[{path: $RUNS/tok96_$1/t2i}, {path: $RUNS/tok96_$1/omni}, {path: $RUNS/tok96_$2/t2i}, {path: $RUNS/tok96_$2/omni}]"
+}
 # steps 6-7: deepen to 8 blocks (new blocks start as identities) and train on a third fresh draw + the second one
 [ -d "$RUNS/grown8" ] || python -m lumina_hf.nano.build grow --model "$RUNS/omni_c" --out "$RUNS/grown8" --layers 8
-[ -d "$RUNS/raw96_3" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((4 * T2I)) --segmentation $((8 * SEG / 3)) --describe $((8 * DESC / 3)) --out "$RUNS/raw96_3" --seed 3
-lumina-hf tokenize "$RUNS/raw96_3/t2i" -o "$RUNS/tok96_3/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
-lumina-hf tokenize "$RUNS/raw96_3/omni.json" -o "$RUNS/tok96_3/omni" $M --target-size 96 --max-length 200
+fresh_draw 3
 lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/grown8" \
-  --dataset_mixture "[{path: $RUNS/tok96_3/t2i}, {path: $RUNS/tok96_3/omni}, {path: $RUNS/tok96_more/t2i}, {path: $RUNS/tok96_more/omni}]" \
-  --output_dir "$RUNS/omni_deep" $EXTRA
+  --dataset_mixture "$(mixture 3 more)" --output_dir "$RUNS/omni_deep" $EXTRA
 # step 8: a fourth fresh draw, 2 more epochs over draws 4 and 3 at a lower rate
-[ -d "$RUNS/raw96_4" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((4 * T2I)) --segmentation $((8 * SEG / 3)) --describe $((8 * DESC / 3)) --out "$RUNS/raw96_4" --seed 4
-lumina-hf tokenize "$RUNS/raw96_4/t2i" -o "$RUNS/tok96_4/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
-lumina-hf tokenize "$RUNS/raw96_4/omni.json" -o "$RUNS/tok96_4/omni" $M --target-size 96 --max-length 200
-lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_deep" --num_train_epochs 2 --learning_rate 3e-4 \
-  --dataset_mixture "[{path: $RUNS/tok96_4/t2i}, {path: $RUNS/tok96_4/omni}, {path: $RUNS/tok96_3/t2i}, {path: $RUNS/tok96_3/omni}]" \
-  --output_dir "$RUNS/omni_deep2" $EXTRA
+fresh_draw 4
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_deep" --num_train_epochs 2 \
+  --learning_rate 3e-4 --dataset_mixture "$(mixture 4 3)" --output_dir "$RUNS/omni_deep2" $EXTRA
 # step 9: deepen to 12 blocks, a fifth fresh draw, 2 epochs over draws 5 and 4
 [ -d "$RUNS/grown12" ] || python -m lumina_hf.nano.build grow --model "$RUNS/omni_deep2" --out "$RUNS/grown12" --layers 12
-[ -d "$RUNS/raw96_5" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((4 * T2I)) --segmentation $((8 * SEG / 3)) --describe $((8 * DESC / 3)) --out "$RUNS/raw96_5" --seed 5
-lumina-hf tokenize "$RUNS/raw96_5/t2i" -o "$RUNS/tok96_5/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
-lumina-hf tokenize "$RUNS/raw96_5/omni.json" -o "$RUNS/tok96_5/omni" $M --target-size 96 --max-length 200
-lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/grown12" --num_train_epochs 2 --learning_rate 4e-4 \
-  --dataset_mixture "[{path: $RUNS/tok96_5/t2i}, {path: $RUNS/tok96_5/omni}, {path: $RUNS/tok96_4/t2i}, {path: $RUNS/tok96_4/omni}]" \
-  --output_dir "$RUNS/omni_deep3" $EXTRA
+fresh_draw 5
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/grown12" --num_train_epochs 2 \
+  --learning_rate 4e-4 --dataset_mixture "$(mixture 5 4)" --output_dir "$RUNS/omni_deep3" $EXTRA
 python -m lumina_hf.nano.build export --model "$RUNS/omni_deep3" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
   --guidance-scale 1.0 --image-top-k 3
