@@ -180,6 +180,8 @@ def test_build_init_and_export(tmp_path):
     export(str(tmp_path / "init"), str(tmp_path / "half"), dtype="bfloat16", guidance_scale=2.5, image_top_k=64)
     half = LuminaMGPTPipeline.from_pretrained(tmp_path / "half", dtype=torch.float32)
     assert half.model.generation_config.guidance_scale == 2.5 and half._default("image_top_k", None) == 64
+    # without a model-level Omni top-k the image-to-image tasks use the reference's 200
+    assert half._default("image_top_k", "segmentation") == 200
     from safetensors import safe_open
 
     dtypes = {}
@@ -226,3 +228,27 @@ def test_grow_keeps_the_function_and_adds_trainable_blocks(tmp_path):
     loss.backward()
     assert grown.model.model.layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0
     assert grown.model.model.layers[4].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_exported_omni_top_k_drives_image_to_image_sampling(tmp_path):
+    """`export(omni_image_top_k=1)` makes segmentation greedy (seed-independent) while text-to-image keeps sampling;
+    without it, the reference's top-k 200 samples and the seed matters."""
+    from lumina_hf.nano.build import export
+
+    _tiny_nano_init(tmp_path, num_hidden_layers=1)
+    export(str(tmp_path / "init"), str(tmp_path / "greedy"), target_size=64, omni_image_top_k=1)
+    item = make_item(0, seed=1, target_size=64)
+
+    def seg_tokens(folder, seed):
+        pipe = LuminaMGPTPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator().manual_seed(seed)
+        return pipe(image=item.image, task="segmentation", generator=gen, output_type="latent").images
+
+    assert torch.equal(seg_tokens(tmp_path / "greedy", 0), seg_tokens(tmp_path / "greedy", 1))
+    assert not torch.equal(seg_tokens(tmp_path / "init", 0), seg_tokens(tmp_path / "init", 1))
+    pipe = LuminaMGPTPipeline.from_pretrained(tmp_path / "greedy")
+    assert pipe._default("image_top_k", "segmentation") == 1 and pipe._default("image_top_k", None) == 2000
+    with pytest.raises(ValueError, match="omni_top_k"):
+        export(str(tmp_path / "init"), str(tmp_path / "bad"), omni_top_k=1)
+    assert not (tmp_path / "bad").exists()

@@ -32,6 +32,8 @@ EXAMPLE_DOC_STRING = """
 IMAGE_TASKS = ("depth", "segmentation", "normal", "pose", "detection", "editing", "condition")
 TEXT_TASKS = ("describe",)
 DEFAULTS = {"guidance_scale": 4.0, "image_top_k": 2000, "text_top_k": 10, "temperature": 1.0}
+# the reference's Omni image-to-image settings (SPEC section 6); a model can override them with
+# `omni_guidance_scale` / `omni_image_top_k` in its generation_config
 OMNI_DEFAULTS = {"guidance_scale": 1.0, "image_top_k": 200}
 
 
@@ -84,9 +86,10 @@ class LuminaMGPTPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ helpers
     def _default(self, name: str, task: str | None):
-        if task in IMAGE_TASKS and name in OMNI_DEFAULTS:
-            return OMNI_DEFAULTS[name]
         gen = getattr(self.model, "generation_config", None)
+        if task in IMAGE_TASKS and name in OMNI_DEFAULTS:
+            value = getattr(gen, f"omni_{name}", None) if gen is not None else None
+            return OMNI_DEFAULTS[name] if value is None else value
         value = getattr(gen, name, None) if gen is not None else None
         return DEFAULTS[name] if value is None else value
 
@@ -183,7 +186,9 @@ class LuminaMGPTPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance (default 4.0; 1.0 for Omni tasks, which skips the
                 unconditional rows).
             num_images_per_prompt, generator: a generator or one per image, for reproducible results.
-            temperature, top_k: sampling (top-k inside images; defaults 1.0 and 2000, Omni 200).
+            temperature, top_k: sampling (top-k inside images; defaults 1.0 and 2000, Omni 200; a model's
+                generation_config can set its own: `image_top_k`, and `omni_image_top_k` /
+                `omni_guidance_scale` for the image-to-image tasks).
             image, task: input image(s) and one of "depth", "segmentation", "normal", "pose", "detection",
                 "editing", "condition", "describe".
             output_type: "pil", "np" (float [0, 1], `(B, H, W, 3)`), "pt" (float [0, 1], `(B, 3, H, W)`) or

@@ -212,8 +212,9 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
 
     `dtype="bfloat16"` stores the language model in bf16 (half the size; the VQGAN stays fp32);
     `load_nano_pipeline` computes in fp32 from it. `sampling` (guidance_scale, image_top_k, temperature,
-    text_top_k) become the model's generation_config defaults, which the pipeline reads."""
-    known = {"guidance_scale", "image_top_k", "temperature", "text_top_k"}
+    text_top_k, and omni_image_top_k / omni_guidance_scale for the image-to-image tasks) become the model's
+    generation_config defaults, which the pipeline reads."""
+    known = {"guidance_scale", "image_top_k", "temperature", "text_top_k", "omni_image_top_k", "omni_guidance_scale"}
     if set(sampling) - known:
         raise ValueError(f"unknown sampling defaults {sorted(set(sampling) - known)}; known: {sorted(known)}.")
     from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
@@ -261,6 +262,7 @@ def main(argv=None) -> int:
     e.add_argument("--guidance-scale", type=float, default=None)
     e.add_argument("--image-top-k", type=int, default=None)
     e.add_argument("--temperature", type=float, default=None)
+    e.add_argument("--omni-image-top-k", type=int, default=None, help="image top-k of the image-to-image tasks")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     try:
@@ -272,7 +274,8 @@ def main(argv=None) -> int:
             grow_model(args.model, args.out, args.layers)
         else:
             export(args.model, args.out, args.target_size, args.dtype, guidance_scale=args.guidance_scale,
-                   image_top_k=args.image_top_k, temperature=args.temperature)
+                   image_top_k=args.image_top_k, temperature=args.temperature,
+                   omni_image_top_k=args.omni_image_top_k)
     except ValueError as err:  # bad input: the message names the problem and the fix, no traceback
         raise SystemExit(f"error: {err}") from err
     return 0
