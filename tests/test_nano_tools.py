@@ -236,7 +236,7 @@ def test_exported_omni_top_k_drives_image_to_image_sampling(tmp_path):
     from lumina_hf.nano.build import export
 
     _tiny_nano_init(tmp_path, num_hidden_layers=1)
-    export(str(tmp_path / "init"), str(tmp_path / "greedy"), target_size=64, omni_image_top_k=1)
+    export(str(tmp_path / "init"), str(tmp_path / "greedy"), target_size=64, omni_image_top_k=1, omni_guidance_scale=1.5)
     item = make_item(0, seed=1, target_size=64)
 
     def seg_tokens(folder, seed):
@@ -249,6 +249,7 @@ def test_exported_omni_top_k_drives_image_to_image_sampling(tmp_path):
     assert not torch.equal(seg_tokens(tmp_path / "init", 0), seg_tokens(tmp_path / "init", 1))
     pipe = LuminaMGPTPipeline.from_pretrained(tmp_path / "greedy")
     assert pipe._default("image_top_k", "segmentation") == 1 and pipe._default("image_top_k", None) == 2000
+    assert pipe._default("guidance_scale", "segmentation") == 1.5 and pipe._default("guidance_scale", None) == 4.0
     with pytest.raises(ValueError, match="omni_top_k"):
         export(str(tmp_path / "init"), str(tmp_path / "bad"), omni_top_k=1)
     assert not (tmp_path / "bad").exists()
