@@ -54,22 +54,23 @@ def test_fixed_seed_same_image_other_seed_other_image(nano):
 
 def test_text_to_image_subset_clears_lower_bounds(nano):
     # 12 held-out prompts over the three aspects. Measured when the weights were built: the shipped model
-    # 0.92 / 1.00 / 0.67 (background / color / shape), the same architecture with an untrained language model
+    # 0.92 / 0.92 / 0.92 (background / color / shape), the same architecture with an untrained language model
     # 0.33 / 0.17 / 0.33 (a random shape often reads as some kind), so the bounds sit between the two
     rates = evaluate_shapes(nano, n=12, tasks=("t2i",)).rates()
     assert rates["size"] == 1.0
     assert rates["background"] >= 0.75, rates
-    assert rates["background"] + rates["color"] + rates["shape"] >= 1.9, rates
+    assert rates["background"] + rates["color"] + rates["shape"] >= 2.2, rates
 
 
 def test_segmentation_subset_clears_lower_bound(nano):
-    # mean mask IoU on 8 held-out images: shipped model 0.63, untrained language model 0.14
+    # mean mask IoU on 8 held-out images (greedy, the shipped omni_image_top_k 1): shipped model 0.71,
+    # untrained language model 0.13
     rates = evaluate_shapes(nano, n=8, tasks=("segmentation",)).rates()
-    assert rates["segmentation_iou"] >= 0.35, rates
+    assert rates["segmentation_iou"] >= 0.5, rates
 
 
 def test_descriptions_are_captions_of_the_shapes_grammar(nano):
-    # the nano model describes an image in the training captions' grammar (exact matches: 57% on 60)
+    # the nano model describes an image in the training captions' grammar (exact matches: 62% on 60)
     import re
 
     from lumina_hf.nano.shapes import COLORS, SHAPES

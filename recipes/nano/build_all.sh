@@ -27,10 +27,11 @@ lumina-hf tokenize "$RUNS/raw96_more/omni.json" -o "$RUNS/tok96_more/omni" $M --
 lumina-hf train --config recipes/nano/omni_sft/config.yaml --model_name_or_path "$RUNS/omni" --num_train_epochs 3 \
   --dataset_mixture "[{path: $RUNS/tok96/t2i}, {path: $RUNS/tok96/omni}, {path: $RUNS/tok96_more/t2i}, {path: $RUNS/tok96_more/omni}]" \
   --output_dir "$RUNS/omni_c" $EXTRA
-# a fresh draw at 96 px (16000/4000/4000 with the default sizes), tokenized: fresh_draw SEED -> $RUNS/tok96_SEED
+# a fresh draw at 96 px (16000/4000/4000 with the default sizes), tokenized: fresh_draw SEED [SEGMENTATION_ITEMS]
+# -> $RUNS/tok96_SEED
 fresh_draw() {
   [ -d "$RUNS/raw96_$1" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((4 * T2I)) \
-    --segmentation $((8 * SEG / 3)) --describe $((8 * DESC / 3)) --out "$RUNS/raw96_$1" --seed "$1"
+    --segmentation "${2:-$((8 * SEG / 3))}" --describe $((8 * DESC / 3)) --out "$RUNS/raw96_$1" --seed "$1"
   lumina-hf tokenize "$RUNS/raw96_$1/t2i" -o "$RUNS/tok96_$1/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
   lumina-hf tokenize "$RUNS/raw96_$1/omni.json" -o "$RUNS/tok96_$1/omni" $M --target-size 96 --max-length 200
 }
@@ -52,5 +53,23 @@ lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_
 fresh_draw 5
 lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/grown12" --num_train_epochs 2 \
   --learning_rate 4e-4 --dataset_mixture "$(mixture 5 4)" --output_dir "$RUNS/omni_deep3" $EXTRA
-python -m lumina_hf.nano.build export --model "$RUNS/omni_deep3" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
-  --guidance-scale 1.0 --image-top-k 3
+# step 10: a sixth fresh draw with three times the segmentation items (12000 with the default sizes),
+# 2 epochs over it alone
+fresh_draw 6 $((8 * SEG))
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_deep3" --num_train_epochs 2 \
+  --learning_rate 3e-4 --dataset_mixture "[{path: $RUNS/tok96_6/t2i}, {path: $RUNS/tok96_6/omni}]" --output_dir "$RUNS/omni_seg" $EXTRA
+# step 11: a seventh draw with more segmentation than text-to-image (12000 / 16000 / 4000), 2 epochs over it
+[ -d "$RUNS/raw96_7" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((3 * T2I)) --segmentation $((32 * SEG / 3)) \
+  --describe $((8 * DESC / 3)) --out "$RUNS/raw96_7" --seed 7
+lumina-hf tokenize "$RUNS/raw96_7/t2i" -o "$RUNS/tok96_7/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
+lumina-hf tokenize "$RUNS/raw96_7/omni.json" -o "$RUNS/tok96_7/omni" $M --target-size 96 --max-length 200
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_seg" --num_train_epochs 2 \
+  --learning_rate 3e-4 --dataset_mixture "[{path: $RUNS/tok96_7/t2i}, {path: $RUNS/tok96_7/omni}]" --output_dir "$RUNS/omni_seg2" $EXTRA
+# step 12: an eighth draw, text-to-image only (12000), one epoch over it and draw 7's Omni items at half the rate
+[ -d "$RUNS/raw96_8" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((3 * T2I)) --out "$RUNS/raw96_8" --seed 8
+lumina-hf tokenize "$RUNS/raw96_8/t2i" -o "$RUNS/tok96_8/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_seg2" --num_train_epochs 1 \
+  --learning_rate 1.5e-4 --dataset_mixture "[{path: $RUNS/tok96_8/t2i}, {path: $RUNS/tok96_7/omni}]" --output_dir "$RUNS/omni_seg3" $EXTRA
+# step 13: the shipped form
+python -m lumina_hf.nano.build export --model "$RUNS/omni_seg3" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
+  --guidance-scale 1.0 --image-top-k 2 --omni-image-top-k 1
