@@ -231,7 +231,7 @@ def test_grow_keeps_the_function_and_adds_trainable_blocks(tmp_path):
 
 
 def test_exported_omni_top_k_drives_image_to_image_sampling(tmp_path):
-    """`export(omni_image_top_k=1)` makes segmentation greedy (seed-independent) while text-to-image keeps sampling;
+    """`export(omni_image_top_k=1)` makes segmentation greedy (seed-independent); text-to-image keeps its own top-k;
     without it, the reference's top-k 200 samples and the seed matters."""
     from lumina_hf.nano.build import export
 
