@@ -104,6 +104,38 @@ def test_vqgan_trainer_learns_and_saves(tmp_path):
         train_vqgan(cfg, progress=False)
 
 
+
+def test_vqgan_decoder_only_refinement_keeps_codes(tmp_path):
+    """train_parts='decoder' changes the decoder but not the encoder or codebook: every image keeps its codes
+    (so tokenized data and a language model stay valid); it refuses to start without init_from."""
+    from lumina_hf.image_processing_lumina_mgpt import pil_to_tensor
+    from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
+    from lumina_hf.training.vqgan import VQGANTrainingConfig, train_vqgan
+
+    small = dict(target_sizes=[48], batch_size=4, num_embeddings=64, channel_multiplier=[1, 1, 1, 1, 1],
+                 restart_dead_codes_every=2)
+    first = train_vqgan(VQGANTrainingConfig(output_dir=str(tmp_path / "a"), steps=6, learning_rate=1e-3, **small),
+                        progress=False)
+    with pytest.raises(ValueError, match="init_from"):
+        train_vqgan(VQGANTrainingConfig(output_dir=str(tmp_path / "x"), train_parts="decoder", **small), progress=False)
+    with pytest.raises(ValueError, match="train_parts"):
+        train_vqgan(VQGANTrainingConfig(output_dir=str(tmp_path / "x"), train_parts="encoder", init_from=first, **small),
+                    progress=False)
+    assert not (tmp_path / "x").exists()
+    out = train_vqgan(VQGANTrainingConfig(output_dir=str(tmp_path / "b"), steps=30, learning_rate=1e-3, init_from=first,
+                                          train_parts="decoder", **small), progress=False)
+    a, b = LuminaMGPTVQGAN.from_pretrained(first).eval(), LuminaMGPTVQGAN.from_pretrained(out).eval()
+    for name, pa in a.named_parameters():
+        pb = dict(b.named_parameters())[name]
+        frozen = name.startswith(("encoder.", "quant_conv.", "quantize."))
+        assert torch.equal(pa, pb) == frozen, name
+    x = torch.stack([pil_to_tensor(make_item(i, seed=99, target_size=48, aspects=("1:1",)).image) for i in range(8)])
+    codes = a.encode_to_codes(x)
+    assert torch.equal(codes, b.encode_to_codes(x))
+    err_a = (a.decode_codes(codes) - x).abs().mean()
+    err_b = (b.decode_codes(codes) - x).abs().mean()
+    assert err_b < err_a
+
 def test_vqgan_lr_schedule():
     from lumina_hf.training.vqgan import VQGANTrainingConfig
 

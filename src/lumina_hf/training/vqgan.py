@@ -48,6 +48,9 @@ class VQGANTrainingConfig:
     min_lr_ratio: float = 0.05
     bf16: bool = False  # bf16 autocast for the convolutions (CPUs with AVX512-BF16/AMX: ~3x faster); quantizer fp32
     init_from: str | None = None  # a saved VQGAN folder to continue from (same architecture)
+    # "all", or "decoder": only post_quant_conv + decoder learn; the encoder and the codebook stay frozen, so
+    # every image keeps its codes and a language model trained on them needs no retraining
+    train_parts: str = "all"
     save_every: int = 0  # also save `<output_dir>-checkpoints/step-N` every N steps (0: only the final model)
     seed: int = 0
     threads: int | None = None
@@ -141,6 +144,10 @@ def train_vqgan(cfg: VQGANTrainingConfig, progress: bool = True) -> str:
         sizes = [aspect_size(a, t) for a in ASPECTS]
         if any(w % 16 or h % 16 for w, h in sizes):
             raise ValueError(f"target size {t} gives image sizes {sizes}: every side must be a multiple of 16 (use 48, 64, 96...).")
+    if cfg.train_parts not in ("all", "decoder"):
+        raise ValueError(f"train_parts={cfg.train_parts!r}; use 'all' or 'decoder'.")
+    if cfg.train_parts == "decoder" and not cfg.init_from:
+        raise ValueError("train_parts='decoder' refines a trained VQGAN: set init_from to its folder.")
     if os.path.exists(cfg.output_dir):
         raise ValueError(f"{cfg.output_dir} exists: choose a new output_dir or remove it.")
     if cfg.threads:
@@ -162,7 +169,12 @@ def train_vqgan(cfg: VQGANTrainingConfig, progress: bool = True) -> str:
                 module.reset_parameters()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.9))
+    decoder_only = cfg.train_parts == "decoder"
+    if decoder_only:
+        for module in (model.encoder, model.quant_conv, model.quantize):
+            module.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=cfg.learning_rate, betas=(0.5, 0.9))
     usage = torch.zeros(cfg.num_embeddings)
     batches = _shape_batches(cfg)
     bar = tqdm(range(cfg.steps), desc="vqgan", disable=not progress)
@@ -172,7 +184,7 @@ def train_vqgan(cfg: VQGANTrainingConfig, progress: bool = True) -> str:
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(step)
         x = next(batches).to(device)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16), torch.set_grad_enabled(not decoder_only):
             z = model.quant_conv(model.encoder(x))
         z = z.float()  # nearest-code search and codebook losses in fp32
         if step == 0 and not cfg.init_from:
@@ -192,7 +204,7 @@ def train_vqgan(cfg: VQGANTrainingConfig, progress: bool = True) -> str:
         rec_sum, rec_n = rec_sum + rec_loss.item(), rec_n + 1
         if cfg.restart_dead_codes_every and (step + 1) % cfg.restart_dead_codes_every == 0:
             dead = (usage == 0).nonzero().flatten()
-            if len(dead) and step < restart_until:
+            if len(dead) and step < restart_until and not decoder_only:
                 _reseed_codes(model, z, dead)
             logger.info("step %d: mean rec %.4f, vq %.4f, %d/%d codes used, lr %.2e", step + 1, rec_sum / rec_n,
                         vq_loss.item(), int((usage > 0).sum()), cfg.num_embeddings, cfg.lr_at(step))
