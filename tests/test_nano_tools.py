@@ -228,6 +228,38 @@ def test_build_init_and_export(tmp_path):
         export(str(tmp_path / "init"), str(tmp_path / "bad"), guidance=2.0)
 
 
+def test_export_can_store_the_vq_decoder_in_bf16(tmp_path):
+    """`vq_decoder_dtype="bfloat16"` halves the stored decoder side only: encoder, quant_conv and codebook stay
+    fp32 (same codes), every VQGAN weight loads back as fp32 equal to the stored (rounded) value."""
+    from safetensors import safe_open
+
+    from lumina_hf.nano.build import export
+
+    _tiny_nano_init(tmp_path, num_hidden_layers=1)
+    export(str(tmp_path / "init"), str(tmp_path / "small"), dtype="bfloat16", vq_decoder_dtype="bfloat16",
+           temperature=0.3)
+    dtypes = {}
+    for f in (tmp_path / "small" / "model").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            dtypes.update({k: fh.get_slice(k).get_dtype() for k in fh.keys()})
+    decoder_side = {k for k in dtypes if ".vqmodel.decoder." in k or ".vqmodel.post_quant_conv." in k}
+    assert decoder_side and {dtypes[k] for k in decoder_side} == {"BF16"}
+    assert {d for k, d in dtypes.items() if "vqmodel" in k and k not in decoder_side} == {"F32"}
+    src = LuminaMGPTPipeline.from_pretrained(tmp_path / "init").model
+    small = LuminaMGPTPipeline.from_pretrained(tmp_path / "small", dtype=torch.float32)
+    got = small.model
+    assert {p.dtype for p in got.vqmodel.parameters()} == {torch.float32}
+    assert small._default("temperature", None) == 0.3  # a sampling temperature is a valid saved default
+    for k, v in src.vqmodel.state_dict().items():
+        want = v.to(torch.bfloat16).float() if k.startswith(("decoder.", "post_quant_conv.")) else v
+        assert torch.equal(want, got.vqmodel.state_dict()[k]), k
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert torch.equal(src.vqmodel.encode_to_codes(pixels), got.vqmodel.encode_to_codes(pixels))
+    with pytest.raises(ValueError, match="vq_decoder_dtype"):
+        export(str(tmp_path / "init"), str(tmp_path / "bad"), vq_decoder_dtype="float16")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_grow_keeps_the_function_and_adds_trainable_blocks(tmp_path):
     from lumina_hf.nano.build import grow_model
 

@@ -70,6 +70,25 @@ lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_
 lumina-hf tokenize "$RUNS/raw96_8/t2i" -o "$RUNS/tok96_8/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
 lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_seg2" --num_train_epochs 1 \
   --learning_rate 1.5e-4 --dataset_mixture "[{path: $RUNS/tok96_8/t2i}, {path: $RUNS/tok96_7/omni}]" --output_dir "$RUNS/omni_seg3" $EXTRA
-# step 13: the shipped form
-python -m lumina_hf.nano.build export --model "$RUNS/omni_seg3" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
-  --guidance-scale 1.0 --image-top-k 2 --omni-image-top-k 1
+# step 14: a ninth draw, text-to-image only (16000), one epoch over draws 9 and 8 and draw 7's Omni items
+[ -d "$RUNS/raw96_9" ] || python -m lumina_hf.nano.build data --target-size 96 --t2i $((4 * T2I)) --out "$RUNS/raw96_9" --seed 9
+lumina-hf tokenize "$RUNS/raw96_9/t2i" -o "$RUNS/tok96_9/t2i" $M --target-size 96 --max-length 200 --uncond-ratio 0.1
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_seg3" --num_train_epochs 1 \
+  --learning_rate 1.5e-4 --dataset_mixture "[{path: $RUNS/tok96_9/t2i}, {path: $RUNS/tok96_8/t2i}, {path: $RUNS/tok96_7/omni}]" \
+  --output_dir "$RUNS/omni_seg4" $EXTRA
+# step 15: deepen to 16 blocks, one epoch over draws 9 and 6 (text-to-image) and draw 7's Omni items
+[ -d "$RUNS/grown16" ] || python -m lumina_hf.nano.build grow --model "$RUNS/omni_seg4" --out "$RUNS/grown16" --layers 16
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/grown16" --num_train_epochs 1 \
+  --learning_rate 3e-4 --dataset_mixture "[{path: $RUNS/tok96_9/t2i}, {path: $RUNS/tok96_6/t2i}, {path: $RUNS/tok96_7/omni}]" \
+  --output_dir "$RUNS/omni_g16" $EXTRA
+# step 16: one epoch at a lower rate over draws 8 and 5 (text-to-image) and draw 6's Omni items
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_g16" --num_train_epochs 1 \
+  --learning_rate 1e-4 --dataset_mixture "[{path: $RUNS/tok96_8/t2i}, {path: $RUNS/tok96_5/t2i}, {path: $RUNS/tok96_6/omni}]" \
+  --output_dir "$RUNS/omni_g16b" $EXTRA
+# step 17: one epoch at a still lower rate over draws 9 and 7 (text-to-image) and draw 5's Omni items
+lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_path "$RUNS/omni_g16b" --num_train_epochs 1 \
+  --learning_rate 7e-5 --dataset_mixture "[{path: $RUNS/tok96_9/t2i}, {path: $RUNS/tok96_7/t2i}, {path: $RUNS/tok96_5/omni}]" \
+  --output_dir "$RUNS/omni_g16c" $EXTRA
+# step 18: the shipped form
+python -m lumina_hf.nano.build export --model "$RUNS/omni_g16c" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
+  --vq-decoder-dtype bfloat16 --guidance-scale 1.0 --image-top-k 2 --temperature 0.3 --omni-image-top-k 1

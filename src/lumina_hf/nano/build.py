@@ -207,13 +207,19 @@ def grow_model(model_dir: str, out: str, num_hidden_layers: int, seed: int = 0) 
                 sorted(set(range(num_hidden_layers)) - set(placed)), out)
 
 
-def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float32", **sampling) -> None:
+def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float32",
+           vq_decoder_dtype: str = "float32", **sampling) -> None:
     """Copy a trained model (pipeline folder or model folder + processor) into a clean pipeline folder.
 
     `dtype="bfloat16"` stores the language model in bf16 (half the size; the VQGAN stays fp32);
-    `load_nano_pipeline` computes in fp32 from it. `sampling` (guidance_scale, image_top_k, temperature,
+    `vq_decoder_dtype="bfloat16"` also stores the VQGAN's decoder side (`post_quant_conv` + `decoder`, the
+    larger half) in bf16, while the encoder and codebook stay fp32 so images encode to the same codes.
+    Loading upcasts the whole VQGAN to fp32 (`_keep_in_fp32_modules_strict`), so only the stored values are
+    rounded. `load_nano_pipeline` computes in fp32 from it. `sampling` (guidance_scale, image_top_k, temperature,
     text_top_k, and omni_image_top_k / omni_guidance_scale for the image-to-image tasks) become the model's
     generation_config defaults, which the pipeline reads."""
+    if vq_decoder_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"vq_decoder_dtype must be 'float32' or 'bfloat16', not {vq_decoder_dtype!r}.")
     known = {"guidance_scale", "image_top_k", "temperature", "text_top_k", "omni_image_top_k", "omni_guidance_scale"}
     if set(sampling) - known:
         raise ValueError(f"unknown sampling defaults {sorted(set(sampling) - known)}; known: {sorted(known)}.")
@@ -228,9 +234,18 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
     model.config._name_or_path = ""
     if getattr(model.config, "vq_config", None) is not None:
         model.config.vq_config._name_or_path = ""
+    if vq_decoder_dtype == "bfloat16":
+        vq = model.model.vqmodel
+        if vq.missing_weights:
+            raise ValueError(f"{model_dir} has no VQGAN weights: there is no decoder to store in bf16.")
+        vq.post_quant_conv.to(torch.bfloat16)
+        vq.decoder.to(torch.bfloat16)
     for key, value in sampling.items():
         if value is not None:
             setattr(model.generation_config, key, value)
+    if sampling.get("temperature") is not None:
+        # the defaults describe sampling; GenerationConfig refuses to save a temperature for greedy decoding
+        model.generation_config.do_sample = True
     # a generation config marked as derived from the model config loses its extra keys (image_top_k, ...) on load
     model.generation_config._from_model_config = False
     _save_pipeline(model, processor, out, replace=True, compact_json=True)
@@ -259,6 +274,8 @@ def main(argv=None) -> int:
     e.add_argument("--out", required=True)
     e.add_argument("--target-size", type=int, default=96)
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--vq-decoder-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="storage dtype of the VQGAN decoder side (encoder and codebook stay fp32)")
     e.add_argument("--guidance-scale", type=float, default=None)
     e.add_argument("--image-top-k", type=int, default=None)
     e.add_argument("--temperature", type=float, default=None)
@@ -273,7 +290,7 @@ def main(argv=None) -> int:
         elif args.cmd == "grow":
             grow_model(args.model, args.out, args.layers)
         else:
-            export(args.model, args.out, args.target_size, args.dtype, guidance_scale=args.guidance_scale,
+            export(args.model, args.out, args.target_size, args.dtype, args.vq_decoder_dtype, guidance_scale=args.guidance_scale,
                    image_top_k=args.image_top_k, temperature=args.temperature,
                    omni_image_top_k=args.omni_image_top_k)
     except ValueError as err:  # bad input: the message names the problem and the fix, no traceback
