@@ -290,8 +290,8 @@ def main(argv=None) -> int:
         elif args.cmd == "grow":
             grow_model(args.model, args.out, args.layers)
         else:
-            export(args.model, args.out, args.target_size, args.dtype, args.vq_decoder_dtype, guidance_scale=args.guidance_scale,
-                   image_top_k=args.image_top_k, temperature=args.temperature,
+            export(args.model, args.out, args.target_size, args.dtype, args.vq_decoder_dtype,
+                   guidance_scale=args.guidance_scale, image_top_k=args.image_top_k, temperature=args.temperature,
                    omni_image_top_k=args.omni_image_top_k)
     except ValueError as err:  # bad input: the message names the problem and the fix, no traceback
         raise SystemExit(f"error: {err}") from err
