@@ -26,12 +26,15 @@ def main():
     ap.add_argument("--guidance-scale", type=float, default=None, help="text-to-image override of the model's default")
     ap.add_argument("--top-k", type=int, default=None, help="text-to-image override of the model's default")
     ap.add_argument("--temperature", type=float, default=None, help="text-to-image override of the model's default")
+    ap.add_argument("--num-candidates", type=int, default=None,
+                    help="text-to-image override: candidates ranked by the model's own description likelihood")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("top_k", args.top_k),
-                                   ("temperature", args.temperature)) if v is not None}
+                                   ("temperature", args.temperature),
+                                   ("num_candidates", args.num_candidates)) if v is not None}
     if args.model == "nano":
         from lumina_hf.nano import load_nano_pipeline
 

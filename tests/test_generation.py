@@ -5,6 +5,7 @@ the sampled distribution, and the pipeline / CLI around it."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import DynamicCache
 
 from lumina_hf import LuminaMGPTPipeline, text_to_image_prompt
@@ -12,6 +13,7 @@ from lumina_hf.generation_lumina_mgpt import UniRepLogitsProcessor, generate_ima
 from lumina_hf.tiny import build_tiny_model, build_tiny_processor
 
 START, END, ROW_END, SIZE_BASE = 8197, 8196, 8803, 8804
+PIL_IMAGE = Image.new("RGB", (64, 64), "red")
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +282,6 @@ def test_pipeline_callback_interrupt(pipe):
 
 
 def test_pipeline_omni_task(pipe):
-    from PIL import Image
-
     src = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 48, 3), dtype=np.uint8))
     out = pipe(image=src, task="depth", generator=torch.Generator().manual_seed(0))
     bucket = pipe.processor.image_processor.select_bucket(48, 96)
@@ -300,6 +300,9 @@ def test_pipeline_omni_task(pipe):
         (dict(prompt="a", generator=[torch.Generator()] * 2), "generators"),
         (dict(task="depth"), "input image"),
         (dict(prompt="a", output_type="jpg"), "output_type"),
+        (dict(prompt="a", num_candidates=0), "num_candidates must be an integer"),
+        (dict(prompt="a", num_candidates=2.0), "num_candidates must be an integer"),
+        (dict(image=PIL_IMAGE, task="depth", num_candidates=2), "no caption to rank by"),
     ],
 )
 def test_pipeline_bad_input_before_compute(pipe, kwargs, match):
@@ -313,9 +316,73 @@ def test_pipeline_bad_input_before_compute(pipe, kwargs, match):
     assert calls == []
 
 
-def test_cli_generate_writes_image(tmp_path):
-    from PIL import Image
+def plain_describe_log_likelihood(model, processor, grid, caption):
+    """Reference: the whole conversation through the model, log-softmax at every position, summed over the
+    answer's labels."""
+    question = "Describe the image in detail. <|image|>"
+    ids, labels = processor.tokenize_conversation([("user", question), ("assistant", caption)], [processor.unirep_ids(grid)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids)) if labels[t] != -100)
 
+
+def test_describe_log_likelihood_matches_plain_reference(pipe):
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    square = pipe(["a", "b", "c"], height=64, width=64, generator=gens, output_type="latent").images
+    wide = pipe("d", height=32, width=64, generator=torch.Generator().manual_seed(5), output_type="latent").images
+    grids = [square[0], wide[0], square[1], square[2]]  # two sizes in one call, captions of different lengths
+    captions = ["a red circle on a blue background", "a green square", "a red circle on a blue background", "white"]
+    got = pipe.describe_log_likelihood(grids, captions, chunk_size=2)
+    want = [plain_describe_log_likelihood(pipe.model, pipe.processor, g, c) for g, c in zip(grids, captions)]
+    assert torch.allclose(got, torch.tensor(want), atol=1e-3, rtol=1e-4)
+    assert len(set(round(w, 3) for w in want)) == 4  # the scores do tell the items apart
+    with pytest.raises(ValueError, match="one caption per grid"):
+        pipe.describe_log_likelihood(grids, captions[:3])
+
+
+def test_num_candidates_keeps_the_best_described_candidate(pipe):
+    """With `num_candidates`, each image's generator seeds its candidates; the result must be the candidate
+    (generated here one by one with those seeds) that the plain reference scores highest for its prompt."""
+    prompts, n_cand = ["a red circle", "a blue square on a yellow background"], 4
+    got = pipe(prompts, height=64, width=64, output_type="latent", num_candidates=n_cand,
+               generator=[torch.Generator().manual_seed(10 + i) for i in range(2)]).images
+    chosen = []
+    for i, prompt in enumerate(prompts):
+        seeds = torch.randint(0, 2**62, (n_cand,), generator=torch.Generator().manual_seed(10 + i)).tolist()
+        cands = pipe([prompt] * n_cand, height=64, width=64, output_type="latent",
+                     generator=[torch.Generator().manual_seed(int(s)) for s in seeds]).images
+        assert len({tuple(c.flatten().tolist()) for c in cands}) == n_cand  # the candidates differ
+        scores = [plain_describe_log_likelihood(pipe.model, pipe.processor, c, prompt) for c in cands]
+        chosen.append(cands[int(np.argmax(scores))])
+    assert torch.equal(got, torch.stack(chosen))
+    # reproducible, and decoded images are the chosen grids' images
+    again = pipe(prompts, height=64, width=64, output_type="latent", num_candidates=n_cand,
+                 generator=[torch.Generator().manual_seed(10 + i) for i in range(2)]).images
+    assert torch.equal(got, again)
+
+
+def test_num_candidates_default_comes_from_the_generation_config(pipe, monkeypatch):
+    calls = []
+    original = pipe.describe_log_likelihood
+
+    def counting(grids, captions, **kwargs):
+        calls.append(len(grids))
+        return original(grids, captions, **kwargs)
+
+    monkeypatch.setattr(pipe, "describe_log_likelihood", counting)
+    try:
+        pipe.model.generation_config.num_candidates = 3
+        out = pipe("a", height=64, width=64, generator=torch.Generator().manual_seed(0))
+        assert len(out.images) == 1 and calls == [3]
+        pipe(image=out.images[0], task="depth", generator=torch.Generator().manual_seed(0))  # Omni: no ranking
+        assert calls == [3]
+        pipe("a", height=64, width=64, num_candidates=1, generator=torch.Generator().manual_seed(0))
+        assert calls == [3]
+    finally:
+        del pipe.model.generation_config.num_candidates
+
+
+def test_cli_generate_writes_image(tmp_path):
     from lumina_hf.cli import main
 
     out = tmp_path / "x.png"
@@ -351,8 +418,6 @@ def test_pipeline_to_dtype_keeps_vqgan_fp32():
 def test_text_generate_with_pixel_values_matches_offline_ids(model):
     """The README's transformers-only path: placeholders + pixel_values through `model.generate` give the same
     answer as final ids; a generation_config holding the *image* guidance (4.0) does not turn on text CFG."""
-    from PIL import Image
-
     proc = build_tiny_processor(64)
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     lazy = proc(text="Describe the image in detail. <|image|>", images=[img])

@@ -209,9 +209,11 @@ def test_build_init_and_export(tmp_path):
     for k, v in pipe.model.state_dict().items():
         assert torch.equal(v, again.model.state_dict()[k]), k
     # the shipped form: LM weights in bf16 (the VQGAN stays fp32), sampling defaults in generation_config
-    export(str(tmp_path / "init"), str(tmp_path / "half"), dtype="bfloat16", guidance_scale=2.5, image_top_k=64)
+    export(str(tmp_path / "init"), str(tmp_path / "half"), dtype="bfloat16", guidance_scale=2.5, image_top_k=64,
+           num_candidates=3)
     half = LuminaMGPTPipeline.from_pretrained(tmp_path / "half", dtype=torch.float32)
     assert half.model.generation_config.guidance_scale == 2.5 and half._default("image_top_k", None) == 64
+    assert half._default("num_candidates", None) == 3 and pipe._default("num_candidates", None) == 1
     # without a model-level Omni top-k the image-to-image tasks use the reference's 200
     assert half._default("image_top_k", "segmentation") == 200
     from safetensors import safe_open

@@ -91,4 +91,4 @@ lumina-hf train --config recipes/nano/omni_sft/config_deep.yaml --model_name_or_
   --output_dir "$RUNS/omni_g16c" $EXTRA
 # step 18: the shipped form
 python -m lumina_hf.nano.build export --model "$RUNS/omni_g16c" --out "$RUNS/export" --target-size 96 --dtype bfloat16 \
-  --vq-decoder-dtype bfloat16 --guidance-scale 1.0 --image-top-k 2 --temperature 0.3 --omni-image-top-k 1
+  --vq-decoder-dtype bfloat16 --guidance-scale 1.0 --image-top-k 2 --temperature 0.3 --omni-image-top-k 1 --num-candidates 8

@@ -88,6 +88,7 @@ def _generate(args) -> int:
             image=image,
             task=args.task,
             compile=args.compile,
+            num_candidates=args.num_candidates,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=1)
+    g.add_argument(
+        "--num-candidates", type=int, default=None,
+        help="text-to-image: sample this many candidates per image and keep the one the model itself describes "
+        "best as the prompt (default: the model's own setting; 8 for the nano model, 1 otherwise)",
+    )
     g.add_argument("--image", default=None, help="input image for --task")
     g.add_argument(
         "--task",

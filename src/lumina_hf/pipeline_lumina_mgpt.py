@@ -31,7 +31,7 @@ EXAMPLE_DOC_STRING = """
 # Omni tasks whose output is an image; "describe" answers in text.
 IMAGE_TASKS = ("depth", "segmentation", "normal", "pose", "detection", "editing", "condition")
 TEXT_TASKS = ("describe",)
-DEFAULTS = {"guidance_scale": 4.0, "image_top_k": 2000, "text_top_k": 10, "temperature": 1.0}
+DEFAULTS = {"guidance_scale": 4.0, "image_top_k": 2000, "text_top_k": 10, "temperature": 1.0, "num_candidates": 1}
 # the reference's Omni image-to-image settings (SPEC section 6); a model can override them with
 # `omni_guidance_scale` / `omni_image_top_k` in its generation_config
 OMNI_DEFAULTS = {"guidance_scale": 1.0, "image_top_k": 200}
@@ -99,7 +99,7 @@ class LuminaMGPTPipeline(DiffusionPipeline):
 
     def check_inputs(
         self, prompt, negative_prompt, height, width, guidance_scale, num_images_per_prompt, generator, top_k,
-        temperature, image, task, output_type, callback_on_step_end_tensor_inputs,
+        temperature, image, task, output_type, callback_on_step_end_tensor_inputs, num_candidates=None,
     ) -> None:
         if task is not None and task not in IMAGE_TASKS + TEXT_TASKS:
             raise ValueError(f"task={task!r} is not one of {', '.join(IMAGE_TASKS + TEXT_TASKS)}.")
@@ -113,6 +113,14 @@ class LuminaMGPTPipeline(DiffusionPipeline):
             raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
+        if num_candidates is not None:
+            if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+                raise ValueError(f"num_candidates must be an integer >= 1, got {num_candidates!r}.")
+            if task is not None and num_candidates > 1:
+                raise ValueError(
+                    f"num_candidates={num_candidates} ranks text-to-image candidates by the prompt; task={task!r} "
+                    "has no caption to rank by: leave num_candidates unset."
+                )
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
         if top_k is not None and top_k < 1:
@@ -173,6 +181,7 @@ class LuminaMGPTPipeline(DiffusionPipeline):
         force_size: bool = True,
         compile: bool | str = False,
         max_new_tokens: int = 256,
+        num_candidates: int | None = None,
     ):
         r"""
         Generate images (or, for `task="describe"`, text).
@@ -197,6 +206,12 @@ class LuminaMGPTPipeline(DiffusionPipeline):
                 set `pipe._interrupt = True` in it to stop (the images are then not decoded).
             force_size: write the size tokens for `height`/`width` (default) or let the model sample them.
             compile: `torch.compile` the decoding step.
+            num_candidates: text-to-image only: sample this many candidates for every requested image (in one
+                batch) and keep the one whose caption the model itself finds most likely, i.e. the highest
+                log-likelihood of the prompt as the answer to its Omni "describe" task on the candidate. Costs
+                `num_candidates` times the generation. Only meaningful for a model trained on that task; the
+                default is the model's `generation_config.num_candidates`, else 1 (no ranking). The callback's
+                `tokens` then hold every candidate row.
 
         Returns:
             `LuminaMGPTPipelineOutput` (or a tuple `(images,)` with `return_dict=False`).
@@ -206,8 +221,10 @@ class LuminaMGPTPipeline(DiffusionPipeline):
         image_top_k = (self._default("image_top_k", task) if task != "describe" else None) if top_k is None else top_k
         self.check_inputs(
             prompt, negative_prompt, height, width, guidance_scale, num_images_per_prompt, generator, top_k,
-            temperature, image, task, output_type, callback_on_step_end_tensor_inputs,
+            temperature, image, task, output_type, callback_on_step_end_tensor_inputs, num_candidates,
         )
+        if num_candidates is None:
+            num_candidates = self._default("num_candidates", None) if task is None else 1
         self._interrupt = False
         proc = self.processor
         prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
@@ -249,6 +266,12 @@ class LuminaMGPTPipeline(DiffusionPipeline):
         cond = [c for c in cond for _ in range(num_images_per_prompt)]
         if negs is not None:
             negs = [n for n in negs for _ in range(num_images_per_prompt)]
+        n_images = len(cond)
+        if num_candidates > 1:
+            cond = [c for c in cond for _ in range(num_candidates)]
+            if negs is not None:
+                negs = [n for n in negs for _ in range(num_candidates)]
+            generator = self._candidate_generators(generator, num_candidates)
 
         f = self.model.vqmodel.downsample_factor
         total = grid_tokens(h // f, w // f)
@@ -281,6 +304,12 @@ class LuminaMGPTPipeline(DiffusionPipeline):
 
         seqs = out.sequences if isinstance(out.sequences, list) else list(out.sequences)
         grids = [proc.extract_image_tokens(s.tolist())[0] for s in seqs]
+        if num_candidates > 1:
+            captions = [p for p in prompts for _ in range(num_images_per_prompt)]
+            scores = self.describe_log_likelihood(grids, [c for c in captions for _ in range(num_candidates)],
+                                                  chunk_size=n_images)
+            best = scores.view(n_images, num_candidates).argmax(dim=1)
+            grids = [grids[i * num_candidates + int(k)] for i, k in enumerate(best)]
         if output_type == "latent":
             result = grids if len({tuple(g.shape) for g in grids}) > 1 else torch.stack(grids)
         else:
@@ -302,6 +331,55 @@ class LuminaMGPTPipeline(DiffusionPipeline):
         if not return_dict:
             return (result,)
         return LuminaMGPTPipelineOutput(images=result)
+
+    # ------------------------------------------------------------------ candidate ranking
+    @staticmethod
+    def _candidate_generators(generator, num_candidates: int):
+        """One generator per candidate row. A generator given per image seeds that image's candidates (drawn
+        from it, so a fixed seed still gives a fixed result and the candidates differ); a single generator or
+        None is used as is over the whole batch."""
+        if not isinstance(generator, (list, tuple)):
+            return generator
+        out = []
+        for g in generator:
+            seeds = torch.randint(0, 2**62, (num_candidates,), generator=g, device=g.device).tolist()
+            out.extend(torch.Generator(device=g.device).manual_seed(int(s)) for s in seeds)
+        return out
+
+    @torch.no_grad()
+    def describe_log_likelihood(self, grids, captions: list[str], chunk_size: int | None = None) -> torch.Tensor:
+        """Log-likelihood (summed over its tokens and the closing separator) of each caption as the model's answer
+        to "Describe the image in detail." about the matching image-code grid (`(rows, cols)` token ids, as
+        `output_type="latent"` returns). Used by `num_candidates`; `chunk_size` rows per forward pass."""
+        if len(grids) != len(captions):
+            raise ValueError(f"{len(grids)} image grids for {len(captions)} captions: give one caption per grid.")
+        proc = self.processor
+        question = self._task_text("describe", None)
+        by_start: dict[int, list[int]] = {}
+        items = []
+        for i, (grid, caption) in enumerate(zip(grids, captions)):
+            ids, labels = proc.tokenize_conversation([("user", question), ("assistant", caption)], [proc.unirep_ids(grid)])
+            items.append((ids, labels))
+            by_start.setdefault(next(k for k, v in enumerate(labels) if v != -100), []).append(i)
+        scores = torch.zeros(len(grids))
+        device = self.model.device
+        chunk = chunk_size or len(grids)
+        # rows with the same image size share the question's length, so their answers begin at the same position
+        # and only those positions need logits (`logits_to_keep`), not the whole image span
+        for start, rows in by_start.items():
+            for lo in range(0, len(rows), chunk):
+                part = rows[lo : lo + chunk]
+                batch = proc.pad([items[i][0] for i in part], [items[i][1] for i in part], side="right")
+                keep = torch.arange(start - 1, batch["input_ids"].shape[1] - 1, device=device)
+                logits = self.model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    logits_to_keep=keep,
+                ).logits.float()
+                target = batch["labels"][:, start:].to(device)
+                logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                scores[part] = (logp * (target != -100)).sum(dim=1).cpu()
+        return scores
 
     # ------------------------------------------------------------------ LoRA adapters
     def load_lora_weights(self, pretrained_model_name_or_path: str, adapter_name: str = "default", **kwargs) -> None:

@@ -216,11 +216,12 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
     larger half) in bf16, while the encoder and codebook stay fp32 so images encode to the same codes.
     Loading upcasts the whole VQGAN to fp32 (`_keep_in_fp32_modules_strict`), so only the stored values are
     rounded. `load_nano_pipeline` computes in fp32 from it. `sampling` (guidance_scale, image_top_k, temperature,
-    text_top_k, and omni_image_top_k / omni_guidance_scale for the image-to-image tasks) become the model's
-    generation_config defaults, which the pipeline reads."""
+    text_top_k, omni_image_top_k / omni_guidance_scale for the image-to-image tasks, and num_candidates for
+    text-to-image candidate ranking) become the model's generation_config defaults, which the pipeline reads."""
     if vq_decoder_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"vq_decoder_dtype must be 'float32' or 'bfloat16', not {vq_decoder_dtype!r}.")
-    known = {"guidance_scale", "image_top_k", "temperature", "text_top_k", "omni_image_top_k", "omni_guidance_scale"}
+    known = {"guidance_scale", "image_top_k", "temperature", "text_top_k", "omni_image_top_k", "omni_guidance_scale",
+             "num_candidates"}
     if set(sampling) - known:
         raise ValueError(f"unknown sampling defaults {sorted(set(sampling) - known)}; known: {sorted(known)}.")
     from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
@@ -280,6 +281,8 @@ def main(argv=None) -> int:
     e.add_argument("--image-top-k", type=int, default=None)
     e.add_argument("--temperature", type=float, default=None)
     e.add_argument("--omni-image-top-k", type=int, default=None, help="image top-k of the image-to-image tasks")
+    e.add_argument("--num-candidates", type=int, default=None,
+                   help="text-to-image candidates per image, ranked by the model's own description likelihood")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     try:
@@ -292,7 +295,7 @@ def main(argv=None) -> int:
         else:
             export(args.model, args.out, args.target_size, args.dtype, args.vq_decoder_dtype,
                    guidance_scale=args.guidance_scale, image_top_k=args.image_top_k, temperature=args.temperature,
-                   omni_image_top_k=args.omni_image_top_k)
+                   omni_image_top_k=args.omni_image_top_k, num_candidates=args.num_candidates)
     except ValueError as err:  # bad input: the message names the problem and the fix, no traceback
         raise SystemExit(f"error: {err}") from err
     return 0
