@@ -355,7 +355,7 @@ def test_num_candidates_keeps_the_best_described_candidate(pipe):
         scores = [plain_describe_log_likelihood(pipe.model, pipe.processor, c, prompt) for c in cands]
         chosen.append(cands[int(np.argmax(scores))])
     assert torch.equal(got, torch.stack(chosen))
-    # reproducible, and decoded images are the chosen grids' images
+    # the same generators give the same choice
     again = pipe(prompts, height=64, width=64, output_type="latent", num_candidates=n_cand,
                  generator=[torch.Generator().manual_seed(10 + i) for i in range(2)]).images
     assert torch.equal(got, again)
