@@ -28,8 +28,8 @@ def plain_loop(model, prompt, height, width, guidance=4.0, top_k=2000, generator
     prefix = [cfg.image_start_token_id, cfg.size_token_id(height // 32), cfg.size_token_id(width // 32)]
     codes = torch.tensor(cfg.image_code_to_token_id(), device=dev)
     cond_cache, unc_cache = DynamicCache(config=cfg), DynamicCache(config=cfg)
-    cond = model(torch.tensor([list(prompt) + prefix], device=dev), past_key_values=cond_cache, use_cache=True).logits[0, -1]
-    unc = model(torch.tensor([prefix], device=dev), past_key_values=unc_cache, use_cache=True).logits[0, -1]
+    cond = model(torch.tensor([list(prompt) + prefix], device=dev), cache=cond_cache, use_cache=True).logits[0, -1]
+    unc = model(torch.tensor([prefix], device=dev), cache=unc_cache, use_cache=True).logits[0, -1]
     out = []
     total = rows * (cols + 1)
     for pos in range(total):
@@ -45,8 +45,8 @@ def plain_loop(model, prompt, height, width, guidance=4.0, top_k=2000, generator
         token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
         out.append(int(token))
         t = token.view(1, 1)
-        cond = model(t, past_key_values=cond_cache, use_cache=True).logits[0, -1]
-        unc = model(t, past_key_values=unc_cache, use_cache=True).logits[0, -1]
+        cond = model(t, cache=cond_cache, use_cache=True).logits[0, -1]
+        unc = model(t, cache=unc_cache, use_cache=True).logits[0, -1]
     return out + [cfg.image_end_token_id]
 
 

@@ -461,7 +461,7 @@ def test_34b_layout_converts(tmp_path):
     proc = json.loads((tmp_path / "out" / "processor" / "processor_config.json").read_text())
     assert proc["image_processor"]["target_size"] == 512  # from the checkpoint's name
     model = LuminaMGPTForConditionalGeneration.from_pretrained(os.path.join(out, "model")).eval()
-    assert type(model.model.layers[0]).__name__ == "ChameleonSwinDecoderLayer"
+    assert type(model.model.layers[0]).__name__ == "LuminaMGPTSwinDecoderLayer"
     assert tuple(model.model.layers[0].self_attn.k_norm.weight.shape) == (2, 8)
     # stock transformers needs the config's real head counts only
     assert_logits_match_stock(model, ckpt, seed=1)

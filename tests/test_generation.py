@@ -43,8 +43,8 @@ def reference_generate(model, prompt, height, width, guidance, top_k, temperatur
     cond_ids = torch.tensor([list(prompt) + prefix])
     unc_ids = torch.tensor([prefix])
     cond_cache, unc_cache = DynamicCache(config=cfg), DynamicCache(config=cfg)
-    cond = model(cond_ids, past_key_values=cond_cache, use_cache=True).logits[0, -1].float()
-    unc = model(unc_ids, past_key_values=unc_cache, use_cache=True).logits[0, -1].float()
+    cond = model(cond_ids, cache=cond_cache, use_cache=True).logits[0, -1].float()
+    unc = model(unc_ids, cache=unc_cache, use_cache=True).logits[0, -1].float()
     out = []
     total = rows * (cols + 1)
     for pos in range(total + 1):
@@ -76,8 +76,8 @@ def reference_generate(model, prompt, height, width, guidance, top_k, temperatur
         if pos == total:
             break
         t = torch.tensor([[token]])
-        cond = model(t, past_key_values=cond_cache, use_cache=True).logits[0, -1].float()
-        unc = model(t, past_key_values=unc_cache, use_cache=True).logits[0, -1].float()
+        cond = model(t, cache=cond_cache, use_cache=True).logits[0, -1].float()
+        unc = model(t, cache=unc_cache, use_cache=True).logits[0, -1].float()
     return prefix + out
 
 

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from transformers.models.chameleon.modeling_chameleon import ChameleonDecoderLayer, ChameleonSwinDecoderLayer
 import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
@@ -133,7 +134,11 @@ def test_logits_match_stock_chameleon(arch):
     assert c.qk_norm_layout == "grouped"
     assert tuple(attn.q_norm.weight.shape) == (mp, attn.head_dim)
     assert tuple(attn.k_norm.bias.shape) == (mp, attn.head_dim)
-    assert type(model.model.layers[0]).__name__ == ("ChameleonSwinDecoderLayer" if c.swin_norm else "ChameleonDecoderLayer")
+    # the model declares its structure: Lumina layers (subclasses of the matching stock layer) with explicit dropout
+    stock_layer = ChameleonSwinDecoderLayer if c.swin_norm else ChameleonDecoderLayer
+    layer = model.model.layers[0]
+    assert isinstance(layer, stock_layer) and type(layer).__name__ == "LuminaMGPT" + stock_layer.__name__[len("Chameleon"):]
+    assert isinstance(layer.attn_dropout, torch.nn.Dropout) and "GroupedHeadLayerNorm" in repr(layer.self_attn)
 
     stock = stock_chameleon_like(model)
     ids = random_ids()
@@ -187,8 +192,8 @@ def test_logits_match_stock_with_padding_mask_and_cache():
         nxt = torch.tensor([[8710], [300]])
         mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
         pos2 = pos[:, -1:] + 1
-        a2 = model(nxt, attention_mask=mask2, position_ids=pos2, past_key_values=a.past_key_values).logits
-        b2 = stock(nxt, attention_mask=mask2, position_ids=pos2, past_key_values=b.past_key_values).logits
+        a2 = model(nxt, attention_mask=mask2, position_ids=pos2, cache=a.cache).logits
+        b2 = stock(nxt, attention_mask=mask2, position_ids=pos2, cache=b.cache).logits
         full = model(torch.cat([ids, nxt], 1), attention_mask=mask2, position_ids=torch.cat([pos, pos2], 1)).logits
     assert (a2[..., NON_IMAGE_IDS] - b2[..., NON_IMAGE_IDS]).abs().max() <= 1e-5
     assert (a2[:, -1] - full[:, -1]).abs().max() <= 1e-4

@@ -356,7 +356,7 @@ def test_accelerate_configs_load():
     for path in glob.glob(os.path.join(RECIPES, "accelerate_configs", "*.yaml")):
         ClusterConfig.from_yaml_file(path)  # raises on unknown keys
     fsdp = ClusterConfig.from_yaml_file(os.path.join(RECIPES, "accelerate_configs", "fsdp2.yaml")).fsdp_config
-    assert fsdp["fsdp_version"] == 2 and "ChameleonDecoderLayer" in fsdp["fsdp_transformer_layer_cls_to_wrap"]
+    assert fsdp["fsdp_version"] == 2 and "LuminaMGPTDecoderLayer" in fsdp["fsdp_transformer_layer_cls_to_wrap"]
     assert fsdp["fsdp_activation_checkpointing"] is True
 
 
@@ -457,3 +457,18 @@ def test_stage_output_generates_at_the_stage_target_size(tmp_path):
     result = run_recipe(recipe)
     saved = LuminaMGPTProcessor.from_pretrained(os.path.join(result.pipeline_dir, "processor"))
     assert saved.image_processor.target_size == TARGET
+
+
+def test_length_grouped_order_equals_transformers_sampler_order():
+    """Our own length-grouped order (transformers keeps its helper out of the public API) is the same permutation as
+    transformers' `get_length_grouped_indices` for the same generator state, on sizes that exercise each branch."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices  # the reference, test-side only
+
+    from lumina_hf.training.trainer import length_grouped_order
+
+    for n, batch in ((1, 4), (7, 4), (50, 4), (997, 8), (5000, 3)):
+        lengths = torch.randint(1, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        ours = length_grouped_order(lengths, batch, torch.Generator().manual_seed(3))
+        theirs = get_length_grouped_indices(lengths, batch, generator=torch.Generator().manual_seed(3))
+        assert ours == theirs, (n, batch)
+        assert sorted(ours) == list(range(n)) and lengths[ours[0]] == max(lengths)

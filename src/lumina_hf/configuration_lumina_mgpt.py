@@ -66,8 +66,6 @@ def taming_to_vq_config_dict(vq: dict[str, Any]) -> dict[str, Any]:
     for nested in ("params", "ddconfig"):
         if isinstance(vq.get(nested), dict):
             out.update(taming_to_vq_config_dict(vq[nested]))
-    if "attn_resolutions" in out and not out["attn_resolutions"]:
-        out["attn_resolutions"] = []
     if "channel_multiplier" in out:
         out["channel_multiplier"] = list(out["channel_multiplier"])
     if "attn_resolutions" in out and out["attn_resolutions"] is not None:

@@ -145,6 +145,13 @@ def _left_pad(contexts: list[list[int]], pad_id: int, total: int, device):
     return ids.to(device), mask.to(device), pos.to(device)
 
 
+def _step_kinds(rows: int, cols: int, n_steps: int) -> list[str]:
+    """What each decoding step of a `rows x cols` grid writes: "code", "row_end" (after every `cols` codes) or
+    "end" (after the last row end)."""
+    grid = rows * (cols + 1)
+    return ["end" if s >= grid else ("row_end" if s % (cols + 1) == cols else "code") for s in range(n_steps)]
+
+
 class _DecodeStep:
     """One decoding step `(token (R, 1), position (R, 1)) -> image-code logits (R, n_codes)` against a static
     cache. Only the lm_head rows of the image codes are applied (inside an image nothing else can be
@@ -162,7 +169,7 @@ class _DecodeStep:
 
     def _step(self, token, position, mask, cache):
         hidden = self.model.model(
-            input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+            input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
         ).last_hidden_state
         return F.linear(hidden[:, -1], self.head)
 
@@ -259,9 +266,10 @@ def generate_image_tokens(
     else:
         sizes = _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator, device)
 
-    rows = torch.tensor([h // f for h, _ in sizes], device=device)
-    cols = torch.tensor([w // f for _, w in sizes], device=device)
-    uniform = bool((rows == rows[0]).all() and (cols == cols[0]).all())
+    # The step schedule is planned here from Python ints, so the decode loop never reads the device.
+    grid_rows = [h // f for h, _ in sizes]
+    grid_cols = [w // f for _, w in sizes]
+    uniform = len(set(sizes)) == 1
     span = [grid_tokens(h // f, w // f) for h, w in sizes]
     n_steps = max(span)
     prefixes = [[cfg.image_start_token_id, cfg.size_token_id(h // patch), cfg.size_token_id(w // patch)] for h, w in sizes]
@@ -286,20 +294,18 @@ def generate_image_tokens(
     out_tokens = torch.full((batch, n_steps), cfg.image_end_token_id, dtype=torch.long, device=device)
     row_end = torch.full((batch,), cfg.image_row_end_token_id, dtype=torch.long, device=device)
     end = torch.full((batch,), cfg.image_end_token_id, dtype=torch.long, device=device)
+    schedule = _step_kinds(grid_rows[0], grid_cols[0], n_steps) if uniform else ["mixed"] * n_steps
+    if not uniform:  # per-row grid shapes, on the device once, for the per-step masks
+        rows_t = torch.tensor(grid_rows, device=device)
+        cols_t = torch.tensor(grid_cols, device=device)
 
     cache = StaticCache(config=cfg, max_cache_len=total)
     step_fn = _DecodeStep(model, code_ids, compile)
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
     logits = F.linear(hidden.last_hidden_state[:, -1], step_fn.head)
     position = pos[:, -1:]
     interrupted = False
-    for s in range(n_steps):
-        # Which kind of token each row needs at grid position s (host-side ints when sizes are uniform).
-        if uniform:
-            c0, t0 = int(cols[0]), int(rows[0]) * (int(cols[0]) + 1)
-            kind = "end" if s >= t0 else ("row_end" if s % (c0 + 1) == c0 else "code")
-        else:
-            kind = "mixed"
+    for s, kind in enumerate(schedule):
         # Noise is drawn at every grid position before the end token (row ends included), so a row's draws
         # do not depend on the sizes of the other rows in the batch.
         noise = draw_uniform(generator, batch, n_codes, device) if do_sample and kind != "end" else None
@@ -312,22 +318,20 @@ def generate_image_tokens(
             choice = gumbel_sample(code_logits, noise, temperature) if do_sample else code_logits.argmax(-1)
             token = code_ids[choice]
             if kind == "mixed":
-                token = torch.where(s % (cols + 1) == cols, row_end, token)
-                token = torch.where(rows * (cols + 1) <= s, end, token)
+                token = torch.where(s % (cols_t + 1) == cols_t, row_end, token)
+                token = torch.where(rows_t * (cols_t + 1) <= s, end, token)
         else:
             token = row_end if kind == "row_end" else end
         out_tokens[:, s] = token
         if progress_bar is not None:
             progress_bar.update(1)
+        # the callback sees the tokens so far and may replace them in place: what it leaves is what is fed
         if callback is not None and callback(s, out_tokens[:, : s + 1]):
             interrupted = s + 1 < n_steps
             break
-        if s + 1 == n_steps or (uniform and kind == "row_end" and s + 2 == n_steps):
-            # the final row end is followed by the forced end token: no forward needed for it
-            if s + 1 < n_steps:
-                out_tokens[:, s + 1] = end
-            break
-        feed = token.repeat(2) if use_cfg else token
+        if s + 1 == n_steps or schedule[s + 1] == "end":
+            continue  # the end token is forced: no logits needed for it
+        feed = out_tokens[:, s].repeat(2) if use_cfg else out_tokens[:, s]
         position = position + 1
         logits = step_fn(feed[:, None], position, mask, cache)
 

@@ -1147,6 +1147,27 @@ def prepare_push(
     return PushPlan(repo_id=repo_id, info=info, card_type=card_type, card=card, uploads=uploads, samples=grid)
 
 
+def validate_card_metadata(endpoint: str, card_text: str, token: str | None) -> None:
+    """Ask the Hub whether a model card's YAML metadata is valid; `ValueError` with the Hub's reason if not.
+
+    The same request `huggingface_hub.ModelCard.validate()` makes, sent to `endpoint` (that method always asks
+    the default endpoint, so it cannot check a push to another Hub)."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    response = get_session().post(
+        f"{endpoint}/api/validate-yaml",
+        json={"content": card_text, "repoType": "model"},
+        headers=build_hf_headers(token=token),
+    )
+    if response.status_code == 400:
+        try:
+            errors = [e.get("message", str(e)) for e in response.json().get("errors", [])]
+        except ValueError:
+            errors = []
+        raise ValueError("; ".join(errors) or response.text)
+    hf_raise_for_status(response)
+
+
 def _short_error(err: BaseException, token: str | None) -> str:
     msg = " ".join(str(err).split()) or type(err).__name__
     if token:
@@ -1236,17 +1257,16 @@ def upload_plan(
     repo_id = plan.repo_id
     api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
     card_text = str(plan.card)
-    validate = getattr(api, "_validate_yaml", None)
-    if validate is not None:  # the Hub's own metadata check, before anything is uploaded
-        try:
-            validate(card_text, repo_type="model")
-        except ValueError as err:
-            raise PublishInputError(f"the Hub rejected the card's metadata: {err}") from None
-        except Exception as err:
-            raise PushError(
-                f"could not reach the Hub to validate the card ({_short_error(err, token)}). Nothing was uploaded.",
-                committed=[], not_committed=plan.files,
-            ) from None
+    # the Hub's own metadata check, before anything is uploaded
+    try:
+        validate_card_metadata(api.endpoint, card_text, token)
+    except ValueError as err:
+        raise PublishInputError(f"the Hub rejected the card's metadata: {err}") from None
+    except Exception as err:
+        raise PushError(
+            f"could not reach the Hub to validate the card ({_short_error(err, token)}). Nothing was uploaded.",
+            committed=[], not_committed=plan.files,
+        ) from None
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main" and not create_pr and not revision.startswith("refs/"):

@@ -1,6 +1,6 @@
 """Lumina-mGPT model classes, built on transformers' Chameleon decoder.
 
-What differs from stock `ChameleonForConditionalGeneration` (SPEC.md section 1):
+What differs from stock `ChameleonForConditionalGeneration`:
 - image-code logits are *not* masked (unless `config.mask_image_logits`), so the model can write images
   and a loss on image labels is finite;
 - residual dropout on the attention and MLP outputs in training (`config.dropout`);
@@ -11,16 +11,27 @@ What differs from stock `ChameleonForConditionalGeneration` (SPEC.md section 1):
 
 
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import ChameleonModel, ChameleonPreTrainedModel, GenerationMixin
+# The decoder building blocks are subclassed as transformers' own modular models do (Emu3, Janus); they are
+# importable from Chameleon's modeling module but not listed in its `__all__`: no public path exists for them.
+from transformers.models.chameleon.modeling_chameleon import (
+    ChameleonAttention,
+    ChameleonDecoderLayer,
+    ChameleonRMSNorm,
+    ChameleonRotaryEmbedding,
+    ChameleonSwinDecoderLayer,
+)
 # diffusers' pipeline loader finds a component's load method by looking up its base class by name in the
 # component's module: keep `PreTrainedModel` importable from here.
 from transformers import PreTrainedModel  # noqa: F401
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
 
 from .configuration_lumina_mgpt import LuminaMGPTConfig
 from .modeling_vqgan import LuminaMGPTVQGAN
@@ -60,14 +71,63 @@ def _image_code_tables(config: LuminaMGPTConfig) -> tuple[torch.LongTensor, torc
     return table, inverse
 
 
-def _residual_dropout_hook(module: nn.Module, args, output):
-    """Forward hook: dropout on a sub-layer's output before the residual add (training only)."""
-    p = module.residual_dropout_p
-    if not (module.training and p > 0):
-        return output
-    if isinstance(output, tuple):
-        return (F.dropout(output[0], p=p, training=True),) + tuple(output[1:])
-    return F.dropout(output, p=p, training=True)
+class LuminaMGPTAttention(ChameleonAttention):
+    """Chameleon attention whose q/k-norm follows `config.qk_norm_layout`: "grouped" holds one LayerNorm
+    weight/bias per model-parallel group (the published checkpoints), "per_head" one per head (stock)."""
+
+    def __init__(self, config: LuminaMGPTConfig, layer_idx: int | None = None):
+        super().__init__(config, layer_idx)
+        if config.qk_norm_layout == "grouped":
+            groups = config.model_parallel_size or 1
+            self.q_norm = GroupedHeadLayerNorm(groups, self.num_heads, self.head_dim)
+            self.k_norm = GroupedHeadLayerNorm(groups, self.num_key_value_heads, self.head_dim)
+
+
+class LuminaMGPTDecoderLayer(ChameleonDecoderLayer):
+    """Pre-norm Chameleon decoder layer (7B) with residual dropout (`config.dropout`, training only) on the
+    attention and MLP outputs before each residual add."""
+
+    def __init__(self, config: LuminaMGPTConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = LuminaMGPTAttention(config, layer_idx)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.mlp_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+            position_ids=position_ids, cache=cache, use_cache=use_cache,
+            position_embeddings=position_embeddings, **kwargs,
+        )
+        hidden_states = residual + self.attn_dropout(hidden_states)
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return (residual + self.mlp_dropout(hidden_states),)
+
+
+class LuminaMGPTSwinDecoderLayer(ChameleonSwinDecoderLayer):
+    """Post-norm ("swin norm") Chameleon decoder layer (34B) with the same residual dropout, applied to the
+    attention and MLP outputs before their norms."""
+
+    def __init__(self, config: LuminaMGPTConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = LuminaMGPTAttention(config, layer_idx)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.mlp_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+        )
+        hidden_states = residual + self.input_layernorm(self.attn_dropout(hidden_states))
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(self.mlp_dropout(self.mlp(hidden_states)))
+        return (residual + hidden_states,)
 
 
 class LuminaMGPTPreTrainedModel(ChameleonPreTrainedModel):
@@ -76,7 +136,11 @@ class LuminaMGPTPreTrainedModel(ChameleonPreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _can_compile_fullgraph = True
-    _no_split_modules = ["ChameleonDecoderLayer", "ChameleonSwinDecoderLayer", "LuminaMGPTVQGAN"]
+    _no_split_modules = ["LuminaMGPTDecoderLayer", "LuminaMGPTSwinDecoderLayer", "LuminaMGPTVQGAN"]
+    _can_record_outputs = {
+        "hidden_states": [LuminaMGPTDecoderLayer, LuminaMGPTSwinDecoderLayer],
+        "attentions": LuminaMGPTAttention,
+    }
     # The VQGAN is kept in float32 whatever dtype is asked for (the reference runs it in fp32).
     _keep_in_fp32_modules_strict = ["vqmodel"]
 
@@ -122,43 +186,74 @@ class LuminaMGPTPreTrainedModel(ChameleonPreTrainedModel):
             )
         return (model, info) if want_info else model
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # A VQGAN that was never loaded is random: do not write it (a reload then reports it missing again
-        # instead of silently decoding noise).
+    def save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        push_to_hub: bool = False,
+        max_shard_size: int | str = "50GB",
+        variant: str | None = None,
+        token: str | bool | None = None,
+        save_peft_format: bool = True,
+        safe_serialization: bool = True,
+        **kwargs,
+    ):
+        """`PreTrainedModel.save_pretrained` with its arguments named, so that diffusers' pipeline saving (which
+        passes only the arguments a component's signature names) forwards `variant`, `max_shard_size` and
+        `safe_serialization`. Weights are always written as safetensors.
+
+        A VQGAN that was never loaded is random and is not written: a reload then reports it missing again
+        instead of silently decoding noise."""
+        if not safe_serialization:
+            raise ValueError("Lumina-mGPT models are saved as safetensors only: leave safe_serialization=True.")
         prefix = self._vqmodel_prefix()
-        if prefix is not None and self.get_submodule(prefix[:-1]).missing_weights and "state_dict" not in kwargs:
-            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if not k.startswith(prefix)}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        if prefix is not None and self.get_submodule(prefix[:-1]).missing_weights and state_dict is None:
+            state_dict = {k: v for k, v in self.state_dict().items() if not k.startswith(prefix)}
+        return super().save_pretrained(
+            save_directory,
+            is_main_process=is_main_process,
+            state_dict=state_dict,
+            push_to_hub=push_to_hub,
+            max_shard_size=max_shard_size,
+            variant=variant,
+            token=token,
+            save_peft_format=save_peft_format,
+            **kwargs,
+        )
 
 
 class LuminaMGPTModel(ChameleonModel, LuminaMGPTPreTrainedModel):
     """The Chameleon decoder (`embed_tokens`, `layers`, `norm`) with the full VQGAN as `vqmodel` and the
-    code<->token-id maps built from `config.vocabulary_map`. Forward takes `input_ids` `(batch, seq)` and
-    returns hidden states `(batch, seq, hidden_size)`."""
+    code<->token-id maps built from `config.vocabulary_map`.
+
+    Forward takes `input_ids` or `inputs_embeds` `(batch, seq)` and returns hidden states
+    `(batch, seq, hidden_size)`. With `pixel_values`, each image's VQ codes replace the next run of
+    `config.image_placeholder_token_id` (in `input_ids`, or the placeholder's embedding in `inputs_embeds`), in
+    reading order, as Chameleon fills its image placeholders."""
 
     config: LuminaMGPTConfig
 
     def __init__(self, config: LuminaMGPTConfig):
-        super().__init__(config)
-        # Stock Chameleon holds an encoder-only VQ-VAE: replace it with the full VQGAN.
-        self.vqmodel = LuminaMGPTVQGAN._from_config(config.vq_config)
-        if config.qk_norm_layout == "grouped":
-            mp = config.model_parallel_size or 1
-            for layer in self.layers:
-                attn = layer.self_attn
-                attn.q_norm = GroupedHeadLayerNorm(mp, attn.num_heads, attn.head_dim)
-                attn.k_norm = GroupedHeadLayerNorm(mp, attn.num_key_value_heads, attn.head_dim)
-        if config.dropout and config.dropout > 0:
-            for layer in self.layers:
-                for sub in (layer.self_attn, layer.mlp):
-                    sub.residual_dropout_p = float(config.dropout)
-                    sub.register_forward_hook(_residual_dropout_hook)
-
+        # Not `ChameleonModel.__init__`: it would build the stock decoder layers and the encoder-only VQ-VAE,
+        # both replaced here (a 7B would be initialised twice).
+        LuminaMGPTPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        layer_cls = LuminaMGPTSwinDecoderLayer if config.swin_norm else LuminaMGPTDecoderLayer
+        self.layers = nn.ModuleList([layer_cls(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = ChameleonRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = ChameleonRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        # The VQGAN runs in float32 whatever dtype the language model is built in (the reference does).
+        self.vqmodel = LuminaMGPTVQGAN._from_config(config.vq_config).to(torch.float32)
         table, inverse = _image_code_tables(config)
         self.register_buffer("image_code_to_id", table, persistent=False)
         self.register_buffer("image_id_to_code", inverse, persistent=False)
         self.post_init()
 
+    # ------------------------------------------------------------------ images <-> tokens
     def codes_to_token_ids(self, codes: torch.LongTensor) -> torch.LongTensor:
         return self.image_code_to_id.to(codes.device)[codes]
 
@@ -169,13 +264,76 @@ class LuminaMGPTModel(ChameleonModel, LuminaMGPTPreTrainedModel):
             raise ValueError(f"token ids {bad} are not image-code tokens of this model's VQGAN codebook.")
         return codes
 
-    def forward(self, input_ids=None, pixel_values=None, **kwargs) -> BaseModelOutputWithPast:
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """`(B, 3, H, W)` pixels in [-1, 1] -> image-code token ids `(B, H/16, W/16)` (not wrapped in UniRep)."""
+        codes = self.vqmodel.encode_to_codes(pixel_values.to(self.vqmodel.quant_conv.weight.device))
+        return self.codes_to_token_ids(codes)
+
+    def get_image_tokens(self, pixel_values: torch.Tensor | list[torch.Tensor]) -> torch.LongTensor:
+        """The code token ids of every image, concatenated in reading order (1-D): what fills the placeholders.
+        `pixel_values` is a `(N, 3, H, W)` tensor or a list of `(3, H, W)` / `(1, 3, H, W)` tensors (sizes may
+        differ between images)."""
+        images = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else list(pixel_values.unbind(0))
+        codes = [self.encode_images(img if img.ndim == 4 else img.unsqueeze(0)).flatten() for img in images]
+        return torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long, device=self.embed_tokens.weight.device)
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """`(batch, seq)` bool mask of the image placeholder positions, read from `input_ids` or, without them,
+        from the positions whose embedding is the placeholder token's."""
+        if input_ids is not None:
+            return input_ids == self.config.image_placeholder_token_id
+        placeholder = torch.tensor(self.config.image_placeholder_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.embed_tokens(placeholder)).all(-1)
+
+    def fill_image_placeholders(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | list[torch.Tensor],
+        labels: torch.LongTensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.LongTensor | None]:
+        """Replace the placeholder runs in `input_ids` (and `labels`) with the code token ids of `pixel_values`."""
+        mask = self.get_placeholder_mask(input_ids, None)
+        flat = self.get_image_tokens(pixel_values).to(input_ids.device)
+        _check_placeholder_count(mask, flat.numel())
+        input_ids = input_ids.masked_scatter(mask, flat)
+        if labels is not None:
+            # Trained images (assistant turns) carry placeholders in labels too; user-turn images are -100.
+            lmask = labels == self.config.image_placeholder_token_id
+            if bool((lmask & ~mask).any()):
+                raise ValueError("labels mark image placeholders at positions where input_ids have none.")
+            labels = torch.where(lmask, input_ids, labels)
+        return input_ids, labels
+
+    def fill_image_embeddings(self, inputs_embeds: torch.Tensor, pixel_values) -> torch.Tensor:
+        """Put the embeddings of the images' code tokens at the placeholder positions of `inputs_embeds`."""
+        mask = self.get_placeholder_mask(None, inputs_embeds)
+        flat = self.get_image_tokens(pixel_values).to(inputs_embeds.device)
+        _check_placeholder_count(mask, flat.numel())
+        features = self.embed_tokens(flat).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
         if pixel_values is not None:
-            raise ValueError(
-                "LuminaMGPTModel takes token ids only: pass pixel_values to "
-                "LuminaMGPTForConditionalGeneration (it fills the image placeholders with VQ codes)."
-            )
-        return super().forward(input_ids=input_ids, **kwargs)
+            if input_ids is not None:
+                input_ids, _ = self.fill_image_placeholders(input_ids, pixel_values)
+            elif inputs_embeds is not None:
+                inputs_embeds = self.fill_image_embeddings(inputs_embeds, pixel_values)
+            else:
+                raise ValueError("pixel_values need input_ids (or inputs_embeds) with image placeholders from the processor.")
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+
+
+def _check_placeholder_count(mask: torch.Tensor, n_codes: int) -> None:
+    n_slots = int(mask.sum())
+    if n_slots != n_codes:
+        raise ValueError(
+            f"the inputs hold {n_slots} image placeholder tokens but the images give {n_codes} codes: the images "
+            "must be the ones the processor laid out, in the same order."
+        )
 
 
 class LuminaMGPTForConditionalGeneration(LuminaMGPTPreTrainedModel, GenerationMixin):
@@ -204,8 +362,15 @@ class LuminaMGPTForConditionalGeneration(LuminaMGPTPreTrainedModel, GenerationMi
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.LongTensor:
         """`(B, 3, H, W)` pixels in [-1, 1] -> image-code token ids `(B, H/16, W/16)` (not wrapped in UniRep)."""
-        codes = self.vqmodel.encode_to_codes(pixel_values.to(self.vqmodel.quant_conv.weight.device))
-        return self.model.codes_to_token_ids(codes)
+        return self.model.encode_images(pixel_values)
+
+    def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """`(B, 3, H, W)` pixels -> `(B, H/16 * W/16)` image-code token ids."""
+        return self.encode_images(pixel_values).flatten(1)
+
+    def fill_image_placeholders(self, input_ids, pixel_values, labels=None):
+        """See `LuminaMGPTModel.fill_image_placeholders`."""
+        return self.model.fill_image_placeholders(input_ids, pixel_values, labels)
 
     def decode_image_tokens(
         self, image_tokens: torch.LongTensor, height: int | None = None, width: int | None = None
@@ -231,64 +396,43 @@ class LuminaMGPTForConditionalGeneration(LuminaMGPTPreTrainedModel, GenerationMi
         codes = self.model.token_ids_to_codes(image_tokens)
         return self.vqmodel.decode_codes(codes).clamp(-1, 1)
 
-    def fill_image_placeholders(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | list[torch.Tensor],
-        labels: torch.LongTensor | None = None,
-    ) -> tuple[torch.LongTensor, torch.LongTensor | None]:
-        """Replace the placeholder runs in `input_ids` (and `labels`) with the codes of `pixel_values`
-        (a `(N, 3, H, W)` tensor or a list of `(3, H, W)` / `(1, 3, H, W)` tensors, in reading order)."""
-        images = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else list(pixel_values.unbind(0))
-        placeholder = self.config.image_placeholder_token_id
-        mask = input_ids == placeholder
-        codes = [self.encode_images(img if img.ndim == 4 else img.unsqueeze(0)).flatten() for img in images]
-        flat = torch.cat(codes).to(input_ids.device) if codes else input_ids.new_empty(0)
-        n_slots = int(mask.sum())
-        if n_slots != flat.numel():
-            raise ValueError(
-                f"input_ids hold {n_slots} image placeholder tokens but the {len(images)} image(s) give "
-                f"{flat.numel()} codes: the images must be the ones the processor laid out, in the same order."
-            )
-        input_ids = input_ids.masked_scatter(mask, flat)
-        if labels is not None:
-            # Trained images (assistant turns) carry placeholders in labels too; user-turn images are -100.
-            lmask = labels == placeholder
-            if bool((lmask & ~mask).any()):
-                raise ValueError("labels mark image placeholders at positions where input_ids have none.")
-            labels = torch.where(lmask, input_ids, labels)
-        return input_ids, labels
-
     # ------------------------------------------------------------------ forward
-    def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
-        return self.encode_images(pixel_values).flatten(1)
-
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if pixel_values is not None:
+        if pixel_values is not None and labels is not None:
             if input_ids is None:
-                raise ValueError("pixel_values need input_ids with image placeholders (from the processor).")
+                raise ValueError("training on images needs input_ids with image placeholders (from the processor).")
+            # the codes of trained images (assistant turns) are labels as well
             input_ids, labels = self.fill_image_placeholders(input_ids, pixel_values, labels)
-        kwargs.pop("return_dict", None)
+            pixel_values = None
+        if "past_key_values" in kwargs:
+            # the name transformers used before 5.24 (and Chameleon still accepts until 5.40), e.g. from older callers
+            warnings.warn("`past_key_values` is deprecated: pass the cache as `cache`.", FutureWarning, stacklevel=3)
+            legacy = kwargs.pop("past_key_values")
+            cache = legacy if cache is None else cache
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
+            pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            **{k: v for k, v in kwargs.items() if k not in ("num_items_in_batch",)},
+            return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -304,24 +448,33 @@ class LuminaMGPTForConditionalGeneration(LuminaMGPTPreTrainedModel, GenerationMi
         loss = None
         if labels is not None:
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                num_items_in_batch=num_items_in_batch, **kwargs,
             )
             if self.config.z_loss_weight:
                 loss = loss + self.config.z_loss_weight * z_loss(logits, labels)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
 
     @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, **kwargs):
-        """`GenerationMixin.generate` for text answers; `pixel_values` fill the image placeholders first.
-        Image generation with guidance lives in `lumina_hf.generation_lumina_mgpt.generate_images`."""
+    def generate(self, input_ids=None, pixel_values=None, inputs_embeds=None, **kwargs):
+        """`GenerationMixin.generate` for text answers; `pixel_values` fill the image placeholders of `input_ids`
+        and/or `inputs_embeds` first. Image generation with guidance lives in
+        `lumina_hf.generation_lumina_mgpt.generate_image_tokens`."""
         if pixel_values is not None:
-            input_ids, _ = self.fill_image_placeholders(input_ids, pixel_values)
+            if input_ids is None and inputs_embeds is None:
+                raise ValueError("pixel_values need input_ids (or inputs_embeds) with image placeholders from the processor.")
+            if input_ids is not None:
+                input_ids, _ = self.fill_image_placeholders(input_ids, pixel_values)
+            if inputs_embeds is not None:
+                inputs_embeds = self.model.fill_image_embeddings(inputs_embeds, pixel_values)
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
         # `generation_config.guidance_scale` holds the *image* guidance the pipeline uses (4.0); transformers
         # would apply it to text as its own second-forward CFG. Text generation is unguided unless asked.
         kwargs.setdefault("guidance_scale", 1.0)
@@ -329,7 +482,7 @@ class LuminaMGPTForConditionalGeneration(LuminaMGPTPreTrainedModel, GenerationMi
 
 
 def z_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-    """`mean(logsumexp(shift_logits)^2)` over the positions whose (shifted) label is not ignored (SPEC.md 1).
+    """`mean(logsumexp(shift_logits)^2)` over the positions whose (shifted) label is not ignored.
 
     `logits` `(batch, seq, vocab)`, `labels` `(batch, seq)` unshifted, as passed to `forward`."""
     shift_logits = logits[:, :-1].float()

@@ -1,4 +1,5 @@
-"""The full Chameleon VQGAN: transformers' encoder and quantizer, plus the decoder transformers lacks.
+"""The full Chameleon VQGAN: transformers' encoder and quantizer (`ChameleonVQVAE`), plus the decoder that
+transformers lacks.
 
 Parameter names follow Meta's `tokenizer/vqgan.ckpt` (taming-transformers `VQModel`) one to one:
 `encoder.*`, `quantize.embedding.weight`, `quant_conv.*`, `post_quant_conv.*`, `decoder.*`, so a
@@ -9,13 +10,56 @@ converted checkpoint is a plain rename-free copy under `model.vqmodel.`.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.chameleon.modeling_chameleon import (
-    ChameleonVQVAE,
-    ChameleonVQVAEEncoderAttnBlock,
-    ChameleonVQVAEEncoderResnetBlock,
-)
+from transformers import ChameleonVQVAE
 
 from .configuration_lumina_mgpt import LuminaMGPTVQConfig
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class LuminaMGPTVQResnetBlock(nn.Module):
+    """taming `ResnetBlock`: (GroupNorm, swish, 3x3 conv) twice, plus a 1x1 `nin_shortcut` when the channel
+    count changes. Written here because transformers keeps its copy out of its public API."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = _group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm1(hidden_states))
+        h = self.conv2(self.dropout(F.silu(self.norm2(self.conv1(h)))))
+        shortcut = self.nin_shortcut(hidden_states) if hasattr(self, "nin_shortcut") else hidden_states
+        return shortcut + h
+
+
+class LuminaMGPTVQAttnBlock(nn.Module):
+    """taming `AttnBlock`: single-head self-attention over the spatial positions with 1x1 q/k/v/proj_out convs."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = hidden_states.shape
+        x = self.norm(hidden_states)
+        q = self.q(x).reshape(b, c, h * w).transpose(1, 2)  # (b, hw, c)
+        k = self.k(x).reshape(b, c, h * w)  # (b, c, hw)
+        v = self.v(x).reshape(b, c, h * w)
+        weights = torch.softmax(torch.bmm(q, k) * c**-0.5, dim=2)  # (b, hw query, hw key)
+        out = torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, h, w)
+        return hidden_states + self.proj_out(out)
 
 
 class LuminaMGPTVQUpsample(nn.Module):
@@ -46,19 +90,19 @@ class LuminaMGPTVQDecoder(nn.Module):
 
         self.conv_in = nn.Conv2d(config.latent_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ChameleonVQVAEEncoderResnetBlock(config, block_in, block_in)
-        self.mid.attn_1 = ChameleonVQVAEEncoderAttnBlock(block_in)
-        self.mid.block_2 = ChameleonVQVAEEncoderResnetBlock(config, block_in, block_in)
+        self.mid.block_1 = LuminaMGPTVQResnetBlock(block_in, block_in, config.dropout)
+        self.mid.attn_1 = LuminaMGPTVQAttnBlock(block_in)
+        self.mid.block_2 = LuminaMGPTVQResnetBlock(block_in, block_in, config.dropout)
 
         levels: list[nn.Module] = []
         for i_level in reversed(range(self.num_resolutions)):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * mult[i_level]
             for _ in range(self.num_res_blocks + 1):
-                block.append(ChameleonVQVAEEncoderResnetBlock(config, block_in, block_out))
+                block.append(LuminaMGPTVQResnetBlock(block_in, block_out, config.dropout))
                 block_in = block_out
                 if curr_res in attn_res:
-                    attn.append(ChameleonVQVAEEncoderAttnBlock(block_in))
+                    attn.append(LuminaMGPTVQAttnBlock(block_in))
             up = nn.Module()
             up.block, up.attn = block, attn
             if i_level != 0:
@@ -112,7 +156,8 @@ class LuminaMGPTVQGAN(ChameleonVQVAE):
     def _apply(self, fn, recurse=True):
         # The VQGAN runs in float32 in the reference: `.to(bfloat16)` / `.half()` on the parent model move
         # it between devices but must not lower its precision. Redo the move without the cast (undoing a
-        # cast afterwards would lose the float32 bits).
+        # cast afterwards would lose the float32 bits). torch has no public hook to veto a cast: `_apply` is
+        # the one place every `.to()`/`.half()`/`.cuda()` goes through.
         def keep_fp32(t):
             out = fn(t)
             if t.is_floating_point() and t.dtype == torch.float32 and out.dtype != torch.float32:

@@ -7,9 +7,11 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
 from .generation_lumina_mgpt import UniRepLogitsProcessor, generate_image_tokens, grid_tokens
+from .lora import LuminaMGPTLoraLoaderMixin
 from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
 from .processing_lumina_mgpt import IMAGE_MARKER, OMNI_TASK_PROMPTS, LuminaMGPTProcessor, text_to_image_prompt
 
@@ -46,7 +48,7 @@ class LuminaMGPTPipelineOutput(BaseOutput):
     text: list[str] | None = None
 
 
-class LuminaMGPTPipeline(DiffusionPipeline):
+class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
     r"""
     Text-to-image and Omni (image-to-image, description) generation with Lumina-mGPT.
 
@@ -202,8 +204,11 @@ class LuminaMGPTPipeline(DiffusionPipeline):
                 "editing", "condition", "describe".
             output_type: "pil", "np" (float [0, 1], `(B, H, W, 3)`), "pt" (float [0, 1], `(B, 3, H, W)`) or
                 "latent" (the `(B, rows, cols)` image-code token grids).
-            callback_on_step_end: `fn(pipe, step, step, callback_kwargs) -> dict`, called after each token;
-                set `pipe._interrupt = True` in it to stop (the images are then not decoded).
+            callback_on_step_end: `fn(pipe, step, step, callback_kwargs) -> dict` (or a diffusers
+                `PipelineCallback`), called after every token, the last one included. `callback_kwargs` holds the
+                tensors named in `callback_on_step_end_tensor_inputs` ("tokens": the `(batch, step + 1)` image
+                tokens so far); a returned "tokens" replaces them, and the next step is fed what it holds. Set
+                `pipe._interrupt = True` in it to stop (the images are then not decoded).
             force_size: write the size tokens for `height`/`width` (default) or let the model sample them.
             compile: `torch.compile` the decoding step.
             num_candidates: text-to-image only: sample this many candidates for every requested image (in one
@@ -216,6 +221,8 @@ class LuminaMGPTPipeline(DiffusionPipeline):
         Returns:
             `LuminaMGPTPipelineOutput` (or a tuple `(images,)` with `return_dict=False`).
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         guidance_scale = self._default("guidance_scale", task) if guidance_scale is None else guidance_scale
         temperature = self._default("temperature", task) if temperature is None else temperature
         image_top_k = (self._default("image_top_k", task) if task != "describe" else None) if top_k is None else top_k
@@ -277,9 +284,12 @@ class LuminaMGPTPipeline(DiffusionPipeline):
         total = grid_tokens(h // f, w // f)
 
         def on_step(step, tokens):
+            # diffusers' callback contract: the named tensors go in, the returned ones replace them
             if callback_on_step_end is not None:
-                kwargs = {"tokens": tokens} if callback_on_step_end_tensor_inputs else {}
-                callback_on_step_end(self, step, step, kwargs)
+                kwargs = {"tokens": tokens} if "tokens" in (callback_on_step_end_tensor_inputs or ()) else {}
+                outputs = callback_on_step_end(self, step, step, kwargs) or {}
+                if outputs.get("tokens") is not None:
+                    tokens.copy_(outputs["tokens"])
             return self.interrupt
 
         with self.progress_bar(total=total) as bar:
@@ -380,71 +390,6 @@ class LuminaMGPTPipeline(DiffusionPipeline):
                 logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                 scores[part] = (logp * (target != -100)).sum(dim=1).cpu()
         return scores
-
-    # ------------------------------------------------------------------ LoRA adapters
-    def load_lora_weights(self, pretrained_model_name_or_path: str, adapter_name: str = "default", **kwargs) -> None:
-        """Load a PEFT LoRA adapter (a folder with `adapter_config.json` + `adapter_model.safetensors`, as written by
-        `lumina-hf train` in `output_dir/adapter`, or a Hub id) into `self.model` and make it the active adapter.
-
-        The adapter layers are injected in place (transformers' PEFT integration), so `self.model` stays a
-        `LuminaMGPTForConditionalGeneration` and generation works unchanged. Trained image rows of `lm_head` are
-        applied as well. To save a pipeline with the adapter folded in: `fuse_lora()`, `unload_lora_weights()`,
-        then `save_pretrained()` (a model with adapters attached would save only the adapter)."""
-        if adapter_name in (getattr(self.model, "peft_config", None) or {}):
-            raise ValueError(f"an adapter named {adapter_name!r} is already loaded: pass another adapter_name.")
-        # transformers records the adapter's key renamings as the model's `_weight_conversions`, which
-        # `save_pretrained` then reverses on the *model's* keys (writing `base_base_model.model...` names): keep the
-        # model's own conversions.
-        missing = object()
-        saved = self.model.__dict__.get("_weight_conversions", missing)
-        try:
-            self.model.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
-        finally:
-            if saved is missing:
-                self.model.__dict__.pop("_weight_conversions", None)
-            else:
-                self.model._weight_conversions = saved
-        self.model.set_adapter(adapter_name)
-
-    def _adapter_layers(self):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
-
-    def fuse_lora(self, adapter_names: list[str] | None = None) -> None:
-        """Merge the active (or the named) adapters into the base weights: no adapter overhead while generating."""
-        layers = self._adapter_layers()
-        if not layers:
-            raise ValueError("no LoRA adapter is loaded: call load_lora_weights() first.")
-        for _, module in layers:
-            module.merge(adapter_names=adapter_names)
-
-    def unfuse_lora(self) -> None:
-        """Undo `fuse_lora()`: restore the base weights (the adapters stay loaded and active)."""
-        for _, module in self._adapter_layers():
-            if module.merged:
-                module.unmerge()
-
-    def unload_lora_weights(self) -> None:
-        """Remove every adapter layer from the model. Fused adapters stay in the weights (fuse, unload, save is how to
-        write a merged pipeline); unfused ones are dropped, giving back the base model."""
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        adapter_names = {n for n, _ in self._adapter_layers()}
-        replaced: list[str] = []
-        for name, module in list(self.model.named_modules()):
-            if any(name.startswith(prefix + ".") for prefix in replaced):
-                continue
-            if isinstance(module, AuxiliaryTrainingWrapper):
-                base = module.original_module
-            elif name in adapter_names:
-                base = module.get_base_layer()
-            else:
-                continue
-            self.model.set_submodule(name, base)
-            replaced.append(name)
-        self.model.__dict__.pop("peft_config", None)
-        self.model._hf_peft_config_loaded = False
 
     def _describe(self, images, num_images_per_prompt, temperature, top_k, generator, max_new_tokens, return_dict):
         proc = self.processor

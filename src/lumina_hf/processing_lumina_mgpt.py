@@ -54,9 +54,9 @@ class MalformedImageSpanError(ValueError):
 
 @dataclasses.dataclass
 class DecodedItem:
-    """One generated sequence, decoded: `text` with `<|image|>` where images were, `images` (PIL, numpy or
-    tensors, or token grids when no model is given), and `errors`: one message per malformed span (that
-    span is left out of `images`; the other spans and items are unaffected)."""
+    """One generated sequence, decoded: `text` with one `<|image|>` per returned image, where it was, `images`
+    (PIL, numpy or tensors, or token grids when no model is given), and `errors`: one message per malformed
+    span (that span is left out of `text` and `images`; the other spans and items are unaffected)."""
 
     text: str
     images: list[Any]
@@ -362,6 +362,12 @@ class LuminaMGPTProcessor(ProcessorMixin):
         Returns `input_ids`, `attention_mask` (`(batch, seq)`), `labels` in training mode, and `pixel_values`
         (list of `(3, H, W)`, in reading order over the batch) when images are left for the model to encode.
         """
+        if kwargs:
+            raise TypeError(
+                f"LuminaMGPTProcessor got unexpected keyword argument(s) {', '.join(repr(k) for k in kwargs)}; it "
+                "takes text, images, conversations, vq_model, return_labels, padding_side, max_length, random_crop, "
+                "seed and return_tensors."
+            )
         items = conversations if conversations is not None else text
         if items is None:
             raise ValueError("give `text` or `conversations`.")
@@ -374,9 +380,7 @@ class LuminaMGPTProcessor(ProcessorMixin):
         elif single:
             per_item_images = [images if isinstance(images, (list, tuple)) else [images]]
         else:
-            if len(images) != len(batch):
-                raise ValueError(f"{len(batch)} items but {len(images)} image lists: give one list per item.")
-            per_item_images = [im if isinstance(im, (list, tuple)) or im is None else [im] for im in images]
+            per_item_images = self._images_per_item(batch, images)
 
         all_ids, all_labels, all_pixels = [], [], []
         for i, (item, imgs) in enumerate(zip(batch, per_item_images)):
@@ -415,6 +419,32 @@ class LuminaMGPTProcessor(ProcessorMixin):
         if return_tensors is None:
             data = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
         return BatchFeature(data)
+
+    @staticmethod
+    def _images_per_item(batch: list, images) -> list:
+        """A batch's images as one list per item: given nested (one list per item), or flat, in which case
+        each item takes as many images as its text has markers (or one each, when there are as many images as
+        items and the markers do not say otherwise)."""
+        images = list(images)
+        if any(isinstance(im, (list, tuple)) or im is None for im in images):
+            if len(images) != len(batch):
+                raise ValueError(f"{len(batch)} items but {len(images)} image lists: give one list per item.")
+            return [im if isinstance(im, (list, tuple)) or im is None else [im] for im in images]
+        counts = [item.count(IMAGE_MARKER) if isinstance(item, str) else None for item in batch]
+        if None not in counts and any(counts):
+            if sum(counts) != len(images):
+                raise ValueError(
+                    f"{len(images)} images for {len(batch)} texts that hold {sum(counts)} {IMAGE_MARKER} marker(s): "
+                    "give one image per marker, or one list of images per item."
+                )
+            out, at = [], 0
+            for n in counts:
+                out.append(images[at : at + n])
+                at += n
+            return out
+        if len(images) != len(batch):
+            raise ValueError(f"{len(images)} images for {len(batch)} items: give one image per item, or one list per item.")
+        return [[im] for im in images]
 
     def pad(self, ids: list[list[int]], labels: list[list[int]] | None = None, side: str = "left") -> dict:
         """Pad id lists to one length with the pad id (labels with -100); `side` 'left' or 'right'."""
@@ -529,14 +559,15 @@ class LuminaMGPTProcessor(ProcessorMixin):
         return codes, i + 3 + need
 
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
-        """Generated ids -> text, with `<|image|>` where each image span was (malformed spans too)."""
+        """Generated ids -> text, with `<|image|>` where each well-formed image span was (malformed spans are
+        dropped: `postprocess_generation` reports them)."""
         ids = torch.as_tensor(token_ids).tolist() if not isinstance(token_ids, list) else list(token_ids)
         ids = [t for t in ids if t != self.pad_token_id] if skip_special_tokens else ids
         pieces = []
         for kind, value in self._split_spans(ids):
             if kind == "text":
                 pieces.append(self.tokenizer.decode(value, skip_special_tokens=skip_special_tokens, **kwargs))
-            else:
+            elif kind == "image":
                 pieces.append(IMAGE_MARKER)
         return "".join(pieces)
 
@@ -558,9 +589,9 @@ class LuminaMGPTProcessor(ProcessorMixin):
     def postprocess_generation(self, sequences, model=None, output_type: str = "pil") -> list[DecodedItem]:
         """Decode a batch of generated sequences into text and images.
 
-        Each item gets `DecodedItem(text, images, errors)`. A malformed image span is reported in that
-        item's `errors` (and marked `<|image|>` in the text) without raising, so the other items and the
-        item's other images are kept. With `model`, grids are decoded to images by its VQGAN
+        Each item gets `DecodedItem(text, images, errors)`. `text` holds one `<|image|>` per returned image, in
+        place; a malformed image span is left out of both and reported in that item's `errors` without raising,
+        so the other items and the item's other images are kept. With `model`, grids are decoded to images by its VQGAN
         (`output_type` "pil", "np" or "pt"); without, `images` holds the token grids."""
         results = []
         for seq in sequences:
@@ -571,7 +602,6 @@ class LuminaMGPTProcessor(ProcessorMixin):
                 if kind == "text":
                     text.append(self.tokenizer.decode(value, skip_special_tokens=True))
                 elif kind == "image":
-                    text.append(IMAGE_MARKER)
                     if model is None:
                         images.append(value)
                     else:
@@ -581,8 +611,8 @@ class LuminaMGPTProcessor(ProcessorMixin):
                             errors.append(str(err))
                             continue
                         images.append(self.image_processor.postprocess(pixels, output_type)[0])
+                    text.append(IMAGE_MARKER)  # only where an image is returned
                 else:
-                    text.append(IMAGE_MARKER)
                     errors.append(value)
             results.append(DecodedItem("".join(text), images, errors))
         return results

@@ -659,7 +659,7 @@ class _Tokenizer:
 @contextlib.contextmanager
 def _quiet_datasets():
     """Silence `datasets`' own progress bars while writing chunks (ours covers the run)."""
-    from datasets.utils import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
+    from datasets import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     was_disabled = are_progress_bars_disabled()
     disable_progress_bars()

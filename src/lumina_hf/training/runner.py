@@ -54,18 +54,12 @@ def resolve_dtype(model_args: ModelArguments, lora_args: LoraArguments, training
 
 
 def set_residual_dropout(model, p: float) -> None:
-    """Set the residual dropout of every decoder layer to `p` (adds the hooks when the model was built without)."""
-    from ..modeling_lumina_mgpt import _residual_dropout_hook
-
+    """Set the residual dropout of every decoder layer (its `attn_dropout` and `mlp_dropout` modules) to `p`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.dropout = float(p)
     for layer in base.model.layers:
-        for sub in (layer.self_attn, layer.mlp):
-            if not hasattr(sub, "residual_dropout_p"):
-                if p <= 0:
-                    continue
-                sub.register_forward_hook(_residual_dropout_hook)
-            sub.residual_dropout_p = float(p)
+        layer.attn_dropout.p = float(p)
+        layer.mlp_dropout.p = float(p)
 
 
 def load_model_and_processor(

@@ -24,9 +24,9 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Sampler
 from transformers import TrainerCallback
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -204,15 +204,35 @@ def check_resume_checkpoint(folder: str, expected: dict) -> None:
         )
 
 
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """transformers' `LengthGroupedSampler` (megabatches of similar lengths, the longest batch first) with an order
-    that depends only on `seed` and the epoch (`set_epoch`, called by the Trainer), not on the global RNG state:
-    the same on every rank, and the same after resuming from a checkpoint in the middle of an epoch."""
+def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
+    """A random order in which consecutive runs of `batch_size` items have similar lengths: a random permutation cut
+    into megabatches (50 batches, or a quarter of the data when that is fewer), each sorted longest first, with
+    the longest item of all moved to the front so that an out-of-memory error shows in the first step. This is the
+    order of transformers' `LengthGroupedSampler`, written here because transformers keeps it out of its public API
+    and draws it from the global RNG."""
+    n = len(lengths)
+    per_mega = max(1, min(n // (batch_size * 4), 50)) * batch_size
+    order = torch.randperm(n, generator=generator).tolist()
+    megabatches = [sorted(order[i : i + per_mega], key=lambda k: lengths[k], reverse=True) for i in range(0, n, per_mega)]
+    if megabatches:
+        longest = max(range(len(megabatches)), key=lambda m: lengths[megabatches[m][0]])
+        megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [k for mega in megabatches for k in mega]
+
+
+class EpochSeededLengthGroupedSampler(Sampler):
+    """Length-grouped batches (`length_grouped_order`) in an order that depends only on `seed` and the epoch
+    (`set_epoch`, called by the Trainer), not on the global RNG state: the same on every rank, and the same after
+    resuming from a checkpoint in the middle of an epoch."""
 
     def __init__(self, batch_size: int, lengths: list[int], seed: int = 0):
-        super().__init__(batch_size, lengths=lengths)
+        self.batch_size = int(batch_size)
+        self.lengths = list(lengths)
         self.seed = int(seed)
         self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -220,7 +240,7 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     def __iter__(self):
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        return iter(length_grouped_order(self.lengths, self.batch_size, generator))
 
 
 class _KeepSpecialTokens(TrainerCallback):
@@ -284,6 +304,9 @@ class LuminaSFTTrainer(SFTTrainer):
         # compute_loss normalises by `num_items_in_batch` itself (gradient accumulation handled).
         self.model_accepts_loss_kwargs = True
         self.last_loss_parts: dict[str, float] = {}
+        # per-mode running values of our own metrics, averaged into the next `log` call
+        self.loss_metrics: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+        self.train_tokens_seen = 0
 
     def restore_model_config(self) -> None:
         """Undo the training-time changes to the model: its own z-loss weight and TRL's fused-head forward patch."""
@@ -292,7 +315,19 @@ class LuminaSFTTrainer(SFTTrainer):
         # TRL installs its fused LM head as an instance attribute `forward`; drop it so the class forward is used.
         base.__dict__.pop("forward", None)
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the means of z-loss, token accuracy (and the train token count) since the last log to `logs`."""
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self.loss_metrics[mode].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self.loss_metrics[mode] = {}
+        super().log(logs, start_time)
+
     # ------------------------------------------------------------------ data order
+    # `_get_train_sampler` is the Trainer's sampler hook (TRL's own trainers override it the same way); the only
+    # public alternative would be rebuilding the whole training DataLoader.
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         column = self.args.length_column_name
@@ -374,17 +409,19 @@ class LuminaSFTTrainer(SFTTrainer):
                 torch.stack([parts["z_sum"].detach().float(), n_local.float(), parts["num_correct"].float()])[None]
             ).sum(0)
             valid = float(gathered[1])
-            self._metrics[mode]["z_loss"].append(float(gathered[0]) / valid if valid else 0.0)
-            self._metrics[mode]["mean_token_accuracy"].append(float(gathered[2]) / valid if valid else 0.0)
+            metrics = self.loss_metrics[mode]
+            metrics.setdefault("z_loss", []).append(float(gathered[0]) / valid if valid else 0.0)
+            metrics.setdefault("mean_token_accuracy", []).append(float(gathered[2]) / valid if valid else 0.0)
             if mode == "train" and "attention_mask" in inputs:
                 tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()[None]).sum().item()
-                self._total_train_tokens += int(tokens)
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+                self.train_tokens_seen += int(tokens)
+            metrics["num_tokens"] = [float(self.train_tokens_seen)]
         return (loss, outputs) if return_outputs else loss
 
 
 __all__ = [
     "EpochSeededLengthGroupedSampler",
+    "length_grouped_order",
     "LuminaSFTTrainer",
     "SIGNATURE_FILE",
     "SignatureCallback",
