@@ -31,7 +31,7 @@ from lumina_hf import LuminaMGPTForConditionalGeneration, LuminaMGPTPipeline, Lu
 from lumina_hf import convert_lumina_mgpt as conv
 from lumina_hf.cli import main as cli_main
 from lumina_hf.configuration_lumina_mgpt import LuminaMGPTVQConfig, taming_to_vq_config_dict
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor, build_tiny_tokenizer, tiny_vocabulary
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor, build_tiny_tokenizer, tiny_vocabulary
 
 VOCAB = 65536
 IMG_LO, IMG_HI = 4, 8195

@@ -2,7 +2,7 @@
 
 The references are independent of lumina_hf: transformers' stock `ChameleonForConditionalGeneration`
 holding the same weights, and losses recomputed here with plain torch ops. Everything runs on the tiny
-models of `lumina_hf.tiny` (full 65536 vocabulary, hidden 64); nothing is downloaded.
+models of `lumina_hf.testing_utils` (full 65536 vocabulary, hidden 64); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 import lumina_hf
 from lumina_hf import LuminaMGPTConfig, LuminaMGPTForConditionalGeneration, LuminaMGPTModel
-from lumina_hf.tiny import build_tiny_model, tiny_config, tiny_vocabulary_map
+from lumina_hf.testing_utils import build_tiny_model, tiny_config, tiny_vocabulary_map
 
 VOCAB = 65536
 IMG_LO, IMG_HI = 4, 8195  # image-code token ids, inclusive

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from lumina_hf import LuminaMGPTPipeline, LuminaMGPTProcessor, text_to_image_prompt
 from lumina_hf.generation_lumina_mgpt import generate_image_tokens
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor, tiny_config
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor, tiny_config
 from lumina_hf.training import (
     LuminaMGPTDataCollator,
     build_datasets,

@@ -71,7 +71,7 @@ def load_model_and_processor(
 
     dtype = resolve_dtype(model_args, lora_args, training_args)
     if model_args.model_name_or_path == TINY_RANDOM:
-        from ..tiny import build_tiny_model, build_tiny_processor
+        from ..testing_utils import build_tiny_model, build_tiny_processor
 
         logger.warning("Training the random tiny model ('%s'): a smoke test, not a useful model.", TINY_RANDOM)
         model = build_tiny_model(seed=training_args.seed).to(dtype)
@@ -481,7 +481,7 @@ def _dry_run(recipe: Recipe) -> TrainingResult:
 
             model_config = LuminaMGPTConfig.from_pretrained(model_dir)
     else:
-        from ..tiny import tiny_config
+        from ..testing_utils import tiny_config
 
         model_config = tiny_config()
     peft_config = build_peft_config(recipe.lora, model_config)
