@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from lumina_hf.configuration_lumina_mgpt import image_code_token_name
+from lumina_hf.unirep import image_code_token_name
 from lumina_hf.image_processing_lumina_mgpt import LuminaMGPTImageProcessor
 from lumina_hf.processing_lumina_mgpt import OMNI_TASK_PROMPTS, LuminaMGPTProcessor, text_to_image_prompt
 from .shapes import COLORS, SHAPES, aspect_size, caption_for, make_item

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from .configuration_lumina_mgpt import LuminaMGPTConfig, parse_image_code_token_name, taming_to_vq_config_dict
+from .configuration_lumina_mgpt import LuminaMGPTConfig, taming_to_vq_config_dict
+from .unirep import parse_image_code_token_name
 
 logger = logging.getLogger(__name__)
 

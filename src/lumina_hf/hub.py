@@ -48,6 +48,8 @@ import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .unirep import UniRepLayout
+
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------- constants
@@ -842,7 +844,7 @@ def _target_from_name(*names: Any) -> int | None:
 
 
 def _tokens_per_image(width: int, height: int) -> int:
-    return (height // 16) * (width // 16 + 1) + 4
+    return UniRepLayout().span_length(height, width)
 
 
 def build_model_card(

@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
-from .generation_lumina_mgpt import UniRepLogitsProcessor, generate_image_tokens, grid_tokens
+from .generation_lumina_mgpt import UniRepLogitsProcessor, generate_image_tokens
 from .lora import LuminaMGPTLoraLoaderMixin
 from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
 from .processing_lumina_mgpt import IMAGE_MARKER, OMNI_TASK_PROMPTS, LuminaMGPTProcessor, text_to_image_prompt
@@ -280,8 +280,8 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                 negs = [n for n in negs for _ in range(num_candidates)]
             generator = self._candidate_generators(generator, num_candidates)
 
-        f = self.model.vqmodel.downsample_factor
-        total = grid_tokens(h // f, w // f)
+        layout = self.model.config.unirep
+        total = layout.grid_length(*layout.grid_shape(h, w))
 
         def on_step(step, tokens):
             # diffusers' callback contract: the named tensors go in, the returned ones replace them

@@ -29,6 +29,8 @@ import torch
 import yaml
 from trl import SFTConfig
 
+from ..unirep import UniRepLayout
+
 logger = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
@@ -440,9 +442,9 @@ def parse_recipe(
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def unirep_length(width: int, height: int, factor: int = 16) -> int:
-    """Tokens of one image (SPEC.md section 4): start, 2 size tokens, rows of W/16 codes + row end, end."""
-    return (height // factor) * (width // factor + 1) + 4
+def unirep_length(width: int, height: int) -> int:
+    """Tokens of one `width x height` image in UniRep: start, 2 size tokens, rows of W/16 codes + row end, end."""
+    return UniRepLayout().span_length(height, width)
 
 
 def longest_unirep_length(target_size: int) -> tuple[int, tuple[int, int]]:

@@ -175,8 +175,7 @@ def synthetic_dataset(model_config, processor, num_items: int = 16, seed: int = 
     colours = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
     code_ids = model_config.image_code_to_token_id()
     size = int(size or processor.image_processor.target_size)
-    f = processor.image_processor.patch_size // 2
-    rows = cols = size // f
+    rows, cols = processor.unirep.grid_shape(size, size)
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     for i in range(num_items):
         a, b = colours[i % len(colours)], colours[(i * 3 + 1) % len(colours)]
