@@ -43,7 +43,9 @@ def register(subparsers) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     g.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
-    g.add_argument("-o", "--output", default="out.png")
+    g.add_argument("-o", "--output", default=None,
+                   help="image file (.png/.jpg/.jpeg/.webp; default out.png); for --task describe a .txt file "
+                   "(default: the answer is printed)")
     g.set_defaults(func=run)
 
 
@@ -76,16 +78,79 @@ def load_pipeline(model: str, device: str, dtype: str | None):
     return pipe.to(device)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def _check_output(args) -> None:
+    """Everything about the output, checked before the model is loaded."""
+    if args.output is None:
+        if args.task == "describe":
+            return  # the answer goes to stdout
+        args.output = "out.png"
+    wanted = (".txt",) if args.task == "describe" else IMAGE_SUFFIXES
+    if not args.output.lower().endswith(wanted):
+        what = "--task describe writes text: -o must end in .txt (or leave -o out to print the answer)" \
+            if args.task == "describe" else "--output must end in .png, .jpg, .jpeg or .webp"
+        raise CommandError(f"{what}, got {args.output}.")
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise CommandError(f"the folder of --output ({out_dir}) does not exist.")
-    if not args.output.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
-        raise CommandError("--output must end in .png, .jpg, .jpeg or .webp.")
+    try:  # create and remove a file there: permission bits alone do not tell (root, read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".lumina-write-check-", dir=out_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise CommandError(f"cannot write to the folder of --output ({out_dir}): {err.strerror}; choose another -o.") from None
+
+
+def _check_request(args) -> str:
+    """The arguments that need no model, checked before loading one; returns the device to use."""
+    import torch
+
     if args.num_images < 1:
         raise CommandError(f"--num-images must be >= 1, got {args.num_images}.")
+    if not 0 <= args.seed <= 2**64 - args.num_images:
+        raise CommandError(f"--seed must be between 0 and 2**64 - 1 (seeds seed..seed+num_images-1), got {args.seed}.")
     if args.task and not args.image:
         raise CommandError(f"--task {args.task} needs --image.")
+    if args.image and not args.task:
+        raise CommandError("--image needs --task (depth, segmentation, ..., describe): text-to-image takes no image.")
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        raise CommandError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N.") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {args.device} asked for CUDA, but this machine has none: use --device cpu.")
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
+def _check_model_path(model: str) -> None:
+    """A `--model` that is clearly a local path must exist (a Hub id is looked up on the Hub)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if model in (NANO, TINY_RANDOM) or os.path.isdir(model):
+        return
+    try:
+        validate_repo_id(model)
+        looks_local = model.startswith((".", "~", os.sep)) or model.count("/") > 1
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise CommandError(f"--model {model}: no such folder (give a lumina_hf pipeline folder or a Hub id org/name).")
+
+
+def _write_text(text: str, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".txt", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _save_images(images, output: str) -> None:
@@ -107,14 +172,15 @@ def _save_images(images, output: str) -> None:
 def run(args) -> int:
     import torch
 
+    device = _check_request(args)
     _check_output(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, device, args.dtype)
+    _check_model_path(args.model)
     image = None
     if args.image:
         from ..image_processing_lumina_mgpt import to_pil
 
-        image = to_pil(args.image)
+        image = to_pil(args.image)  # read before the model is loaded: an unreadable file fails fast
+    pipe = load_pipeline(args.model, device, args.dtype)
     gen_device = "cuda" if device.startswith("cuda") else "cpu"
     generators = [torch.Generator(gen_device).manual_seed(args.seed + i) for i in range(args.num_images)]
     result = pipe(
@@ -133,8 +199,12 @@ def run(args) -> int:
         num_candidates=args.num_candidates,
     )
     if result.text is not None:
-        for t in result.text:
-            sys.stdout.write(t + "\n")
+        if args.output is None:
+            for t in result.text:
+                sys.stdout.write(t + "\n")
+        else:
+            _write_text("\n".join(result.text) + "\n", args.output)
+            sys.stdout.write(f"{args.output} (the answer)\n")
         return 0
     _save_images(result.images, args.output)
     return 0
