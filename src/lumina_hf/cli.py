@@ -5,10 +5,13 @@ import importlib
 import logging
 import sys
 
+from huggingface_hub.errors import StrictDataclassError
+
 from .commands import VERBS, CommandError
 
-# errors that are the user's to fix: one line, exit status 2 (anything else is a bug and keeps its traceback)
-USER_ERRORS = (CommandError, ValueError, OSError)
+# errors that are the user's to fix: one line, exit status 2 (anything else is a bug and keeps its traceback);
+# StrictDataclassError: a config.json field of the wrong type
+USER_ERRORS = (CommandError, ValueError, OSError, StrictDataclassError)
 
 
 class CommandFailed(SystemExit):
