@@ -231,6 +231,12 @@ class LuminaTrainingArguments(SFTConfig):
             self.bf16 = _auto_bf16() and not self.fp16
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = torch.cuda.is_available()
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
         if self.z_loss_weight < 0:
             raise ValueError(f"z_loss_weight must be >= 0, got {self.z_loss_weight}.")
         if self.loss_chunk_size < 1:
@@ -379,9 +385,16 @@ def parse_overrides(argv: list[str] | None) -> dict[str, Any]:
 
 
 def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """The YAML mapping of a recipe file (a ValueError if it is not a mapping)."""
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+    """The YAML mapping of a recipe file (a ValueError if it is missing, not YAML or not a mapping)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"recipe {path} does not exist: give the path of a recipe YAML (recipes/<model>/<stage>/*.yaml).")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ValueError(f"recipe {path} is not valid YAML{line}: {getattr(err, 'problem', None) or err}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -148,7 +148,8 @@ def model_signature(model, use_peft: bool | None = None, lora_r: int | None = No
 
 
 class SignatureCallback(TrainerCallback):
-    """Writes `lumina_training_signature.json` into every checkpoint, so a resume can check it belongs to this model."""
+    """Writes `lumina_training_signature.json` into every checkpoint once the Trainer has finished saving it: a resume
+    checks that the checkpoint belongs to this model, and takes only checkpoints that have it (complete ones)."""
 
     def __init__(self, signature: dict):
         self.signature = dict(signature)
@@ -157,8 +158,11 @@ class SignatureCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                with open(os.path.join(folder, SIGNATURE_FILE), "w", encoding="utf-8") as fh:
+                # written last, and atomically: its presence marks the checkpoint complete for a later resume
+                tmp = os.path.join(folder, f".{SIGNATURE_FILE}.tmp")
+                with open(tmp, "w", encoding="utf-8") as fh:
                     json.dump(self.signature, fh, indent=2)
+                os.replace(tmp, os.path.join(folder, SIGNATURE_FILE))
         return control
 
 
