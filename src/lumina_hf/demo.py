@@ -856,7 +856,7 @@ def build_demo(pipe, *, title: str = "Lumina-mGPT", notice: str | None = None, e
                         yield progress_html(None, "Stopped."), gr.skip(), gr.skip(), settings_markdown(ev)
                     else:
                         gallery = [(g.image, g.caption) for g in ev.images]
-                        yield (progress_html(None, f"Done in {ev.seconds:.1f} s."), ev.images[-1].image, gallery,
+                        yield (progress_html(None, f"Done in {ev.seconds:.1f} s."), ev.images[0].image, gallery,
                                settings_markdown(ev))
                 else:
                     preview = ev.preview if isinstance(ev, Progress) and ev.preview is not None else gr.skip()
@@ -980,7 +980,7 @@ def build_demo(pipe, *, title: str = "Lumina-mGPT", notice: str | None = None, e
                         status = gr.HTML(elem_id="t2i-status")
                         preview = gr.Image(label="Drawing row by row", type="pil", format="png", interactive=False,
                                            height=256, elem_id="t2i-preview")
-                        gallery = gr.Gallery(label="Results", columns=4, format="png", height=280, preview=False,
+                        gallery = gr.Gallery(label="Results", columns=4, format="png", preview=False,
                                              object_fit="contain", elem_id="t2i-gallery")
                         info = gr.Markdown(elem_id="t2i-info")
             with gr.Tab("Omni", id="omni"):
