@@ -226,8 +226,13 @@ def load_image(value) -> PIL.Image.Image:
         value = value.path
     if isinstance(value, PIL.Image.Image):
         image = value
+    elif not isinstance(value, (str, os.PathLike)):  # an array or a tensor
+        try:
+            image = to_pil(value)
+        except ValueError as err:
+            raise DemoInputError(f"The image could not be read: {err}") from None
     else:
-        if not isinstance(value, (str, os.PathLike)) or not os.path.isfile(value):
+        if not os.path.isfile(value):
             raise DemoInputError("The upload did not arrive: upload the image again.")
         try:
             with PIL.Image.open(value) as probe:  # the header alone: refuse huge images before decoding them
@@ -407,7 +412,9 @@ class DemoEngine:
         """Run an Omni task on an input image: an image out (depth, segmentation, ...), or text ("describe")."""
         if task not in TASKS:
             raise DemoInputError(f"Pick a task: one of {', '.join(TASKS)}.")
-        if image is None or image == "" or (isinstance(image, dict) and not (image.get("path") or image.get("name"))):
+        if image is None or (isinstance(image, str) and not image) or (
+            isinstance(image, dict) and not (image.get("path") or image.get("name"))
+        ):
             raise DemoInputError(f"Upload an image first: the {task} task works on an input image.")
         text = text.strip() if isinstance(text, str) else ""
         if task in TASK_TEXT and not text:
@@ -817,7 +824,8 @@ def _as_user_error(gr, err: BaseException):
     internal error (its traceback goes to the server log)."""
     if isinstance(err, DemoInputError):
         return gr.Error(str(err), print_exception=False)
-    logger.error("demo request failed: %s: %s", type(err).__name__, err, exc_info=err)
+    # the engine's worker has logged the traceback of a failure inside the model call
+    logger.error("demo request failed: %s: %s", type(err).__name__, err)
     first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
     return gr.Error(f"The request failed ({type(err).__name__}{': ' + first if first else ''}). "
                     "The app is still running; see the server log for details.", print_exception=False)
