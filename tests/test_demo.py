@@ -242,6 +242,31 @@ def test_stop_interrupts_through_the_callback_and_the_engine_keeps_serving(engin
     assert not again.stopped and len(again.images) == 1
 
 
+def test_stop_takes_a_waiting_request_out_of_the_queue_at_once(pipe):
+    hold = threading.Event()
+    spy = Spy(pipe, hold=hold)
+    engine = DemoEngine(spy)
+    try:
+        first = engine.text_to_image("first", size="64x64", seed=1, num_candidates=1, session="a")
+        done = []
+        worker = threading.Thread(target=lambda: done.append(run_all(first)))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not spy.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = engine.text_to_image("second", size="64x64", seed=2, num_candidates=1, session="b")
+        assert next(waiting) == Waiting(1)
+        assert engine.stop("b") == 1
+        result = next(waiting)  # while the first request still holds the model
+        assert isinstance(result, TextToImageResult) and result.stopped and not hold.is_set()
+        hold.set()
+        worker.join(60)
+        assert len(done[0][-1].images) == 1 and [c["prompt"] for c in spy.calls] == [["first"]]
+    finally:
+        hold.set()
+        engine.close()
+
+
 def test_a_user_who_leaves_stops_the_request(engine):
     events = engine.text_to_image("a cat", size="128x32", seed=0, num_candidates=1)
     assert isinstance(next(events), Progress)

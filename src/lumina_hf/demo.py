@@ -463,12 +463,18 @@ class DemoEngine:
         return self._follow(self._submit("chat", params, session))
 
     def stop(self, session: str | None) -> int:
-        """Stop the running and waiting requests of `session`; returns how many were asked to stop."""
+        """Stop the requests of `session` (None: those submitted without one): a waiting one leaves the queue at
+        once, a running one at its next token. Returns how many were stopped."""
         with self._cond:
-            jobs = [j for j in self._pending + self._running if j.session == session]
-        for j in jobs:
+            waiting = [j for j in self._pending if j.session == session]
+            running = [j for j in self._running if j.session == session]
+            for j in waiting:
+                self._pending.remove(j)
+        for j in waiting + running:
             j.stop.set()
-        return len(jobs)
+        for j in waiting:
+            j.events.put(_Done(self._stopped_result(j)))
+        return len(waiting) + len(running)
 
     def close(self) -> None:
         """Stop every request and the worker thread."""
