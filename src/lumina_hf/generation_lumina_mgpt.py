@@ -150,7 +150,8 @@ class _DecodeStep:
 
     def __init__(self, model, code_ids: torch.Tensor, compile: bool | str = False):
         self.model = model
-        self.head = model.lm_head.weight.index_select(0, code_ids)
+        self.head = _image_code_head(model.lm_head, code_ids)
+        self.out_device = code_ids.device
         fn = self._step
         if compile:
             mode = compile if isinstance(compile, str) else None
@@ -161,10 +162,33 @@ class _DecodeStep:
         hidden = self.model.model(
             input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
         ).last_hidden_state
-        return F.linear(hidden[:, -1], self.head)
+        return self.code_logits(hidden[:, -1])
+
+    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`(R, hidden)` last hidden states -> `(R, n_codes)` logits on the loop's device (with a `device_map` the last
+        layer and the head may sit on other devices than the first; `.to` is free when they do not)."""
+        return F.linear(hidden.to(self.head.device), self.head).to(self.out_device)
 
     def __call__(self, token, position, mask, cache):
         return self.fn(token, position, mask, cache)
+
+
+def _image_code_head(lm_head: torch.nn.Module, code_ids: torch.Tensor) -> torch.Tensor:
+    """The LM-head rows of the image codes, `(n_codes, hidden)`, as a plain tensor on the head's execution device.
+    Offloaded weights (CPU/disk offload, `device_map`) are brought in for the copy; a head quantized with torchao is
+    dequantized (only these rows are kept)."""
+    from .offload import weights_on_execution_device
+
+    with weights_on_execution_device(lm_head):
+        weight = lm_head.weight
+        if type(weight) not in (torch.Tensor, torch.nn.Parameter) and hasattr(weight, "dequantize"):
+            weight = weight.dequantize()  # e.g. torchao's Int8Tensor: no row indexing on the packed data
+        if not weight.is_floating_point():
+            raise ValueError(
+                f"lm_head holds {weight.dtype} weights this sampler cannot read: keep 'lm_head' in the quantization "
+                "config's modules_to_not_convert (lumina_hf.quantization.KEEP_UNQUANTIZED)."
+            )
+        return weight.index_select(0, code_ids.to(weight.device))
 
 
 def _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator, device) -> list[tuple[int, int]]:
@@ -243,7 +267,10 @@ def generate_image_tokens(
     if negative_prompts is not None and len(negative_prompts) != batch:
         raise ValueError(f"{len(negative_prompts)} negative prompts for {batch} prompts: give one per prompt.")
     generator = normalize_generators(generator, batch)
-    device = model.device
+    from .offload import execution_device, onload_model
+
+    onload_model(model)  # model-level CPU offload: move the model to its accelerator as its forward would
+    device = execution_device(model)  # not `model.device`: offloaded weights sit on "meta" between calls
     layout = cfg.unirep
 
     if force_size:
@@ -291,7 +318,7 @@ def generate_image_tokens(
     cache = StaticCache(config=cfg, max_cache_len=total)
     step_fn = _DecodeStep(model, code_ids, compile)
     hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-    logits = F.linear(hidden.last_hidden_state[:, -1], step_fn.head)
+    logits = step_fn.code_logits(hidden.last_hidden_state[:, -1])
     position = pos[:, -1:]
     interrupted = False
     for s, kind in enumerate(schedule):
