@@ -16,6 +16,7 @@ from transformers import (
 from .configuration_lumina_mgpt import LuminaMGPTConfig, LuminaMGPTVQConfig
 from .convert_lumina_mgpt import convert_checkpoint
 from .image_processing_lumina_mgpt import LuminaMGPTImageProcessor
+from .memory import MemoryEstimate, memory_estimate
 from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration, LuminaMGPTModel, LuminaMGPTPreTrainedModel
 from .modeling_vqgan import LuminaMGPTVQGAN
 from .pipeline_lumina_mgpt import LuminaMGPTPipeline, LuminaMGPTPipelineOutput
@@ -49,4 +50,6 @@ __all__ = [
     "LuminaMGPTPipeline",
     "LuminaMGPTPipelineOutput",
     "convert_checkpoint",
+    "memory_estimate",
+    "MemoryEstimate",
 ]

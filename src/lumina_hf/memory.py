@@ -14,13 +14,16 @@ decoding loop (`lumina_hf.generation_lumina_mgpt.generate_image_tokens`) followe
   guidance (a conditional and an unconditional row per image) and `cache_length = prompt + 3 + grid` tokens.
 - **activations**: the larger of the prefill (every prompt position at once) and one decoding step (one position,
   attention over the whole cache, the code logits and the sampler's temporaries).
-- **VQGAN activations**: decoding one image to pixels (the pipeline decodes images one at a time): about three
-  float32 feature maps of the decoder's widest full-resolution level alive at once (a residual block's input,
-  its normalised copy and its output), plus the mid-block attention matrix.
+- **candidate ranking** (only with `num_candidates > 1`): the forward pass that scores each candidate's caption
+  likelihood, `batch_size` rows at a time over the image span plus the text, with its cache and the float32
+  log-softmax over the vocabulary at the caption positions.
+- **VQGAN activations**: decoding one image to pixels (the pipeline decodes images one at a time): five float32
+  feature maps of the decoder's full-resolution level alive at once inside a residual block, plus the mid-block
+  attention matrix.
 
-The decode phase (weights + head + cache + activations) and the VQGAN phase (weights + VQGAN activations) do not
-overlap: the cache and the head are freed before the images are decoded. `MemoryEstimate.peak` is the larger
-phase. Allocator overhead (caching allocators, fragmentation, library workspaces) is not included.
+The decode phase (weights + head + cache + activations), the ranking phase and the VQGAN phase (weights + VQGAN
+activations) do not overlap: the cache and the head are freed before candidates are ranked and images decoded.
+`MemoryEstimate.peak` is the largest phase. Allocator overhead (caching allocators, fragmentation, library workspaces) is not included.
 
 `check_max_memory(...)` places that estimate on the devices of a `max_memory` mapping (as accelerate would: whole
 decoder layers in order, each with its share of the cache) and raises `InsufficientMemoryError` when it does not
@@ -123,6 +126,7 @@ class MemoryEstimate:
     prefill_activations: int
     decode_activations: int
     vqgan_activations: int
+    ranking_activations: int
     layer_weights: int
     layer_kv_cache: int
     embedding_weights: int
@@ -146,9 +150,13 @@ class MemoryEstimate:
         return self.resident + self.vqgan_activations
 
     @property
+    def ranking_phase(self) -> int:
+        return self.resident + self.ranking_activations
+
+    @property
     def peak(self) -> int:
-        """Predicted peak: the larger of the decoding phase and the VQGAN phase."""
-        return max(self.decode_phase, self.vqgan_phase)
+        """Predicted peak: the largest of the decoding, candidate-ranking and VQGAN phases."""
+        return max(self.decode_phase, self.ranking_phase, self.vqgan_phase)
 
     def table(self) -> str:
         """The estimate as an aligned text table, one term per line, ending with the peak."""
@@ -169,7 +177,9 @@ class MemoryEstimate:
             ("activations (prefill)", self.prefill_activations),
             ("activations (decode step)", self.decode_activations),
             ("VQGAN decode activations", self.vqgan_activations),
+            ("candidate ranking (forward)", self.ranking_activations),
             ("peak: decoding phase", self.decode_phase),
+            ("peak: ranking phase", self.ranking_phase),
             ("peak: VQGAN phase", self.vqgan_phase),
             ("predicted peak", self.peak),
         ]
@@ -282,11 +292,23 @@ def memory_estimate(
     # logits, the top-k filtered copy, log-softmax, the uniform noise and its Gumbel transform)
     decode = rows * (per_position + n_heads * cache_length * _FP32 + cache_length * _FP32) + 6 * rows * n_codes * _FP32
 
-    # ---- VQGAN decode of one image: three float32 maps of the top level, plus the mid-block attention matrix
-    # (softmax input and output) at the latent resolution, and the latents
+    # ---- VQGAN decode of one image. The widest maps are the full-resolution level's; inside one of its residual
+    # blocks five are alive at once: the block input (kept for the shortcut), the first swish output (held by the
+    # local variable while the second half runs), and the second half's conv, norm and swish outputs. Plus the
+    # mid-block attention matrix (softmax input and output) at the latent resolution and the RGB output.
     pixels = height * width
     latent_positions = grid_rows * grid_cols
-    vq_act = 3 * top_channels * pixels * _FP32 + 2 * latent_positions**2 * _FP32 + 3 * pixels * _FP32
+    vq_act = 5 * top_channels * pixels * _FP32 + 2 * latent_positions**2 * _FP32 + 3 * pixels * _FP32
+
+    # ---- candidate ranking (num_candidates > 1): one forward per chunk of `batch_size` rows over the describe
+    # question, the candidate's image span and the caption (about the prompt's length), with its own cache, and the
+    # float32 log-softmax over the caption positions
+    ranking = 0
+    if num_candidates > 1:
+        length = layout.span_length(height, width) + prompt
+        ranking = batch_size * length * (per_position + n_heads * length * _FP32 + length * _FP32)
+        ranking += n_layers * 2 * batch_size * n_kv * length * hd * b
+        ranking += 2 * batch_size * prompt * vocab * _FP32
 
     largest_module = max(embedding, lm_head, max(linear_weight_bytes(o, i, b, quantization, group_size) for o, i in linears))
     return MemoryEstimate(
@@ -298,6 +320,7 @@ def memory_estimate(
         prefill_activations=prefill,
         decode_activations=decode,
         vqgan_activations=vq_act,
+        ranking_activations=ranking,
         layer_weights=layer_weights,
         layer_kv_cache=layer_kv,
         embedding_weights=embedding,

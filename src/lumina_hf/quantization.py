@@ -137,6 +137,24 @@ def pipeline_quantization_config(kind: str, backend: str = "torchao", **kwargs):
     return PipelineQuantizationConfig(quant_mapping={"model": model_quantization_config(kind, backend, **kwargs)})
 
 
+def quantize_in_place(model: torch.nn.Module, kind: str, group_size: int = 128,
+                      modules_to_not_convert: list[str] | None = None) -> torch.nn.Module:
+    """Quantize an already built model with torchao's `quantize_` (same configs and same modules kept as
+    `torchao_config`; for models made in memory, e.g. the random tiny model). Returns `model`."""
+    check_kind(kind, "torchao", next(model.parameters()).device.type)
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    skip = tuple(KEEP_UNQUANTIZED if modules_to_not_convert is None else modules_to_not_convert)
+
+    def wanted(module: torch.nn.Module, name: str) -> bool:
+        kept = any(name == s or name.startswith(s + ".") for s in skip)
+        return isinstance(module, torch.nn.Linear) and not kept
+
+    config = Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=group_size)
+    quantize_(model, config, filter_fn=wanted)
+    return model
+
+
 def describe_config(quantization_config) -> tuple[str, str | None]:
     """`(backend, kind)` of a transformers quantization config: backend "torchao", "bitsandbytes" or another
     method name, kind "int8", "int4" or None when it is neither."""
@@ -183,6 +201,7 @@ __all__ = [
     "describe_config",
     "model_quantization_config",
     "pipeline_quantization_config",
+    "quantize_in_place",
     "require_backend",
     "torchao_config",
 ]
