@@ -138,7 +138,7 @@ def load_pipeline(model: str, device: str, dtype: str | None, quantize: str | No
         torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
     else:
         source = model
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if quantize or max_memory:
         from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
 
