@@ -63,9 +63,7 @@ if mode == "sequential_offload":
     cpu_offload(pipe.model, execution_device=torch.device("cpu"))
 pipe.set_progress_bar_config(disable=True)
 load_s = time.perf_counter() - t0
-load_with open("/proc/self/status") as fh:
-    hwm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-peak = hwm - base
+load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 gc.collect()
 with open("/proc/self/clear_refs", "w") as fh:  # reset the kernel's peak RSS (VmHWM): loading transients end here
     fh.write("5")
