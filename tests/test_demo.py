@@ -587,7 +587,7 @@ def test_browser_text_to_image_then_omni_describe(page):
     screenshot(page, "demo-text-to-image.png")
 
     page.get_by_role("tab", name="Omni").click()
-    from lumina_hf.nano.shapes import draw_shape
+    from examples.nano.shapes import draw_shape
 
     shape, _ = draw_shape("square", "yellow", "black", (96, 96))
     upload = os.path.join(ARTIFACTS, "upload-yellow-square.png")

@@ -23,7 +23,6 @@ import os
 import queue
 import random
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from .generation_lumina_mgpt import UniRepLogitsProcessor, grid_tokens
+from .generation_lumina_mgpt import UniRepLogitsProcessor
 from .image_processing_lumina_mgpt import to_pil
 from .pipeline_lumina_mgpt import IMAGE_TASKS, TEXT_TASKS
 from .processing_lumina_mgpt import IMAGE_MARKER
@@ -288,19 +287,11 @@ def is_nano_pipeline(pipe) -> bool:
         return False
 
 
-def nano_example_images(folder: str) -> list[str]:
-    """Write a few ground-truth nano shapes (the Omni tab's examples) to `folder`; returns their paths."""
-    from .nano.shapes import draw_shape
+def nano_example_images() -> list[str]:
+    """Paths of a few ground-truth nano shapes shipped with the package (the Omni tab's examples)."""
+    from .nano import EXAMPLES_DIR
 
-    specs = [("circle", "red", "blue", (96, 96)), ("triangle", "yellow", "black", (128, 64)),
-             ("square", "white", "green", (64, 128))]
-    paths = []
-    for shape, color, background, size in specs:
-        image, _ = draw_shape(shape, color, background, size, random.Random(1))
-        path = os.path.join(folder, f"{color}-{shape}-on-{background}.png")
-        image.save(path)
-        paths.append(path)
-    return paths
+    return sorted(os.path.join(EXAMPLES_DIR, name) for name in os.listdir(EXAMPLES_DIR) if name.endswith(".png"))
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -357,8 +348,7 @@ class DemoEngine:
 
     def image_tokens(self, width: int, height: int) -> int:
         """Tokens of a `width x height` image span (start, two size tokens, the rows with their ends, end)."""
-        f = self.pipe.model.vqmodel.downsample_factor
-        return 3 + grid_tokens(height // f, width // f)
+        return self.pipe.model.config.unirep.span_length(height, width)
 
     @property
     def default_max_new_tokens(self) -> int:
@@ -598,10 +588,9 @@ class DemoEngine:
         """A pipeline `callback_on_step_end` that sends each job `Progress` (with the complete rows of its first
         image decoded) and interrupts the pipeline once every job of the call is stopped. `jobs_rows` pairs
         each job with the batch row of its first image."""
-        pipe = self.pipe
-        f = pipe.model.vqmodel.downsample_factor
-        rows, cols = height // f, width // f
-        total = grid_tokens(rows, cols)
+        layout = self.pipe.model.config.unirep
+        rows, cols = layout.grid_shape(height, width)
+        total = layout.grid_length(rows, cols)
         state = {"rows": 0, "preview_t": 0.0, "emit_t": 0.0}
 
         def callback(p, step, timestep, kwargs):
@@ -1010,9 +999,8 @@ def build_demo(pipe, *, title: str = "Lumina-mGPT", notice: str | None = None, e
                             omni_go = gr.Button("Run", variant="primary", elem_id="omni-run")
                             omni_halt = gr.Button("Stop", variant="stop", elem_id="omni-stop")
                         if nano:
-                            folder = tempfile.mkdtemp(prefix="lumina-demo-examples-")
                             gr.Examples(
-                                examples=[[p, t] for p, t in zip(nano_example_images(folder),
+                                examples=[[p, t] for p, t in zip(nano_example_images(),
                                                                   ["describe", "segmentation", "describe"])],
                                 inputs=[omni_image, task], label="Examples (click to fill in)")
                     with gr.Column():
