@@ -421,7 +421,8 @@ def test_library_imports_without_gradio_and_build_demo_says_what_to_install():
 # ---------------------------------------------------------------------------------------------- Gradio layer
 def test_build_demo_and_error_messages(pipe):
     gr = pytest.importorskip("gradio")
-    from lumina_hf.demo import _as_user_error, build_demo
+    from lumina_hf.demo import build_demo
+    from lumina_hf.demo.app import _as_user_error
 
     demo = build_demo(pipe, notice="The app listens on every network interface.")
     try:

@@ -119,7 +119,10 @@ class DataArguments:
 
 @dataclass
 class LoraArguments:
-    """PEFT LoRA. PEFT has no default targets for Chameleon: the decoder's seven projections are named here."""
+    """PEFT LoRA, with the key names of TRL's `ModelConfig` (TRL's `get_peft_config` builds the `LoraConfig` from
+    them) plus `lora_train_image_head`. Not a `ModelConfig` subclass: that class also carries model-loading keys that
+    `ModelArguments` owns with other defaults (and a processor), and its key set changes between TRL releases, while
+    a recipe's keys must not. PEFT has no default targets for Chameleon: the decoder's seven projections are named."""
 
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
@@ -420,6 +423,11 @@ def check_keys(config: dict[str, Any], source: str | None = None) -> None:
     )
 
 
+# Why not `trl.TrlParser` (argparse over the dataclasses): a recipe is also given as a Python dict; YAML 1.1 values
+# must be converted by field type before TrainingArguments sees them (`save_strategy: no` reads as False, `2e-5` as a
+# string); argparse reports a bad value by exiting the process instead of raising an error the caller can show; and
+# `lumina-hf train --help` would list the ~200 TrainingArguments options instead of the recipe workflow. The keys, the
+# dataclasses and their validation are TRL's and transformers' own (`SFTConfig`).
 def parse_recipe(
     config: str | os.PathLike | dict[str, Any] | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
