@@ -218,6 +218,11 @@ class LuminaTrainingArguments(SFTConfig):
         default=True,
         metadata={"help": "LoRA: also merge the adapter and save a full pipeline folder in output_dir."},
     )
+    use_liger_loss: bool = field(
+        default=True,
+        metadata={"help": "On CUDA with liger-kernel installed, compute the loss with its fused linear cross-entropy "
+                  "(z-loss as its lse_square_scale); else the chunked loss."},
+    )
 
     def __post_init__(self):
         if self.output_dir is None:
