@@ -1,7 +1,7 @@
 """`LuminaSFTTrainer`: TRL's `SFTTrainer` with the Lumina-mGPT loss (cross-entropy + z-loss, chunked LM head).
 
 How the loss is computed (and why not through TRL's fused LM head): TRL 1.16 patches the model's forward with a fused
-LM head that returns per-token log-probabilities only; the log-sum-exp that z-loss needs (SPEC.md section 1:
+LM head that returns per-token log-probabilities only; the log-sum-exp that z-loss needs (Lumina-mGPT's recipe:
 `weight * mean(logsumexp(shift_logits)^2)` over positions whose label is >= 0) cannot be recovered from its outputs,
 and the model's own `forward` (which can add z-loss) is bypassed. So `compute_loss` turns the fused path off: it runs
 the model through the (DDP/FSDP/PEFT-wrapped) module with `logits_to_keep=1`, so no full-vocabulary logits are built,
@@ -279,7 +279,7 @@ class EpochSeededLengthGroupedSampler(Sampler):
 
 class _KeepSpecialTokens(TrainerCallback):
     """`Trainer.train` aligns the model's bos/eos/pad ids with the tokenizer's. Lumina's turn separator 8710 is its
-    eos (`</s>` = 2 does not stop generation, SPEC.md section 1), so the alignment would write eos 2 into the config
+    eos (`</s>` = 2 does not stop generation in Lumina-mGPT), so the alignment would write eos 2 into the config
     of every checkpoint and of the final model: put the model's own ids back as soon as training begins."""
 
     _KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -384,7 +384,7 @@ class LuminaSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ optimizer
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Weight decay on weight matrices only: not on biases, norms (RMSNorm, the grouped q/k LayerNorm) or
-        embeddings (SPEC.md "Do not copy": the reference decays norms and embeddings)."""
+        embeddings (the original training code decays them too; we do not)."""
         skip: set[str] = set()
         for mod_name, module in model.named_modules():
             is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
