@@ -393,14 +393,29 @@ def test_cli_generate_writes_image(tmp_path):
     assert not (tmp_path / "y.png").exists()
 
 
-def test_compiled_decode_step_gives_the_same_tokens(model, processor):
-    """`compile=True` runs the decode step through torch.compile (inductor on CPU): same tokens as eager."""
-    p = prompt_ids(processor, "a red circle", 32, 32)
-    eager = generate_image_tokens(model, [p, p], height=32, width=32, generator=[torch.Generator().manual_seed(i) for i in range(2)])
-    compiled = generate_image_tokens(
-        model, [p, p], height=32, width=32, generator=[torch.Generator().manual_seed(i) for i in range(2)], compile=True
-    )
-    assert torch.equal(eager.sequences, compiled.sequences)
+def test_compiled_decode_step_compiles_once_and_gives_the_same_tokens(model, processor):
+    """`compile="reduce-overhead"` (CUDA graphs on a GPU; plain inductor code on CPU): the decode step compiles
+    once, in one graph, and a second image of the same batch size with a prompt of another length runs without
+    a recompilation. Every image has the tokens of the eager loop."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    short = prompt_ids(processor, "a red circle", 32, 32)
+    long = prompt_ids(processor, "two green triangles on a white background, seen from above", 32, 32)
+    assert len(short) != len(long)
+
+    def run(prompt, compile):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return generate_image_tokens(model, [prompt, prompt], height=32, width=32, generator=gens, compile=compile).sequences
+
+    first = run(short, "reduce-overhead")
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    second = run(long, "reduce-overhead")
+    assert counters["stats"]["unique_graphs"] == 1, "the second image recompiled the decode step"
+    assert torch.equal(first, run(short, False)) and torch.equal(second, run(long, False))
+    with pytest.raises(ValueError, match="not a torch.compile mode"):
+        generate_image_tokens(model, [short], height=32, width=32, compile="fast")
 
 
 def test_pipeline_to_dtype_keeps_vqgan_fp32():
@@ -516,3 +531,16 @@ def test_sync_guard_catches_a_host_read(model, processor, monkeypatch):
     with pytest.raises(HostReadError):
         generate_image_tokens(model, [p], height=32, width=32, generator=torch.Generator().manual_seed(0))
     assert seen and all("__int__" in s or "_local_scalar_dense" in s for s in seen)
+
+
+def test_prefill_goes_through_the_model_forward(model, processor):
+    """The prompt is run by the model's own forward, once per call (hooks on it, such as diffusers' model CPU
+    offload, move the model to its execution device first); the decode steps call the decoder directly."""
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        p = prompt_ids(processor, "a", 32, 32)
+        generate_image_tokens(model, [p, p], height=32, width=32, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert calls == [1]

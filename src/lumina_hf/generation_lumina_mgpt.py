@@ -248,13 +248,13 @@ class _DecodeStep:
 _COMPILED_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, _DecodeStep]" = weakref.WeakKeyDictionary()
 
 
-def _decode_step_for(model, code_ids: torch.Tensor, compile: bool | str, cache_len: int, rows: int) -> _DecodeStep:
+def _decode_step_for(model, code_ids: torch.Tensor, compile: bool | str, cache_len: int, rows: int, device) -> _DecodeStep:
     """A decode step for `rows` cache rows of `cache_len` positions. Eager steps are built for each call;
     a compiled step is reused while the model, mode, batch shape, dtype and device stay the same, so that the
     compiled graph (and any CUDA graph recorded for it) sees the same cache tensors image after image."""
     if not compile:
         return _DecodeStep(model, code_ids, compile, cache_len)
-    key = (compile, cache_len, rows, model.dtype, model.lm_head.weight.device)
+    key = (compile, cache_len, rows, model.dtype, torch.device(device))
     step = _COMPILED_STEPS.get(model)
     if step is None or getattr(step, "key", None) != key:
         _COMPILED_STEPS.pop(model, None)  # free the old cache before allocating the new one
@@ -468,7 +468,7 @@ def generate_image_tokens(
             torch.full((batch,), cfg.image_end_token_id, dtype=torch.long, device=device),
         )
 
-    step_fn = _decode_step_for(model, code_ids, compile, cache_len, len(contexts))
+    step_fn = _decode_step_for(model, code_ids, compile, cache_len, len(contexts), device)
     step_fn.start()
     # The prompt goes through the model's own forward (so hooks such as CPU offload move the model to the
     # device first); only the last position's image-code logits are kept.
