@@ -264,6 +264,15 @@ def _decode_step_for(model, code_ids: torch.Tensor, compile: bool | str, cache_l
     return step
 
 
+def clear_decode_cache(model=None) -> None:
+    """Drop the compiled decode step (and its static KV cache) kept for `model`, or for every model. The next
+    compiled call allocates a new cache; on CUDA the memory returns to PyTorch's allocator."""
+    if model is None:
+        _COMPILED_STEPS.clear()
+    else:
+        _COMPILED_STEPS.pop(model, None)
+
+
 def _decode_loop(
     step_fn: _DecodeStep,
     logits: torch.Tensor,
@@ -504,7 +513,9 @@ def generate_image_tokens(
 
 
 __all__ = [
+    "COMPILE_MODES",
     "ImageGenerationOutput",
+    "clear_decode_cache",
     "UniRepLogitsProcessor",
     "generate_image_tokens",
     "gumbel_sample",
