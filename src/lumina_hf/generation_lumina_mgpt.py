@@ -79,9 +79,12 @@ def gumbel_sample(logits: torch.Tensor, uniform: torch.Tensor, temperature: floa
 
 
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Set every logit below the row's k-th largest to -inf (ties with the k-th largest are kept)."""
     if k is None or k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    # the k-th largest value is the smallest of the top k: unsorted selection skips sorting them (half the cost
+    # on CPU at k=2000 of 8192) and gives the same threshold
+    kth = torch.topk(logits, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
