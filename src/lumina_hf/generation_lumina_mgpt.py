@@ -63,7 +63,13 @@ def draw_uniform(generator, rows: int, n: int, device) -> torch.Tensor:
     """`(rows, n)` uniform noise in (0, 1) on `device`: one draw of `n` per row from that row's generator,
     or one `(rows, n)` draw from a single generator (the global RNG of `device` when None). Each draw is
     made on its generator's device; CPU draws reach a CUDA device by a non-blocking copy."""
-    if isinstance(generator, list):
+    device = torch.device(device)
+    if isinstance(generator, list) and all(g.device == device for g in generator):
+        # each row filled in place from its own generator: the numbers `torch.rand(n, generator=g)` gives
+        u = torch.empty((len(generator), n), device=device)
+        for row, g in zip(u, generator):
+            row.uniform_(generator=g)
+    elif isinstance(generator, list):
         u = torch.stack([_to_device(torch.rand(n, generator=g, device=g.device), device) for g in generator])
     else:
         gen_device = generator.device if generator is not None else device
@@ -75,7 +81,8 @@ def gumbel_sample(logits: torch.Tensor, uniform: torch.Tensor, temperature: floa
     """Index sampled from `softmax(logits / temperature)` (rows), using the given uniform noise. Entries at
     -inf (filtered by top-k or a constraint) are never chosen."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.argmax(logp - torch.log(-torch.log(uniform)), dim=-1)
+    gumbel = torch.log(uniform).neg_().log_()  # -Gumbel noise, log(-log(u)), in one buffer
+    return torch.argmax(logp.sub_(gumbel), dim=-1)
 
 
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
