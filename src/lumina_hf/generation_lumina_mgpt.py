@@ -1,11 +1,17 @@
-"""Guided image decoding for Lumina-mGPT (SPEC.md section 6), on public transformers APIs only
-(the model's `forward`, `StaticCache`, `LogitsProcessor`).
+"""Guided image decoding for Lumina-mGPT (classifier-free guidance on raw logits, the UniRep grid
+constraint, top-k, temperature), on public transformers APIs only (the model's `forward`, `StaticCache`,
+`LogitsProcessor`).
 
 Why our own loop instead of `model.generate(guidance_scale=...)`: transformers runs the unconditional
 branch as a second, eager forward per step (the reference's cost: the weights are read twice per step).
-Here the conditional and unconditional rows are one left-padded batch with one static KV cache, the grid
-constraint is computed from the step index alone (no host synchronisation), and the sampler only looks at
-the image-code logits inside an image.
+Here the conditional and unconditional rows are one left-padded batch with one static KV cache, and the
+sampler only looks at the image-code logits inside an image.
+
+The per-token loop never waits for the device: what each step writes (an image code, a row end, the image
+end) is planned on the host from Python ints before the loop, and noise, guidance, top-k and sampling stay
+on the device, so on a GPU the host queues steps ahead of the kernels. The decode step can be
+`torch.compile`d (with CUDA graphs in "reduce-overhead" mode): its inputs have fixed shapes (the static cache
+length is rounded up to a multiple of 256), so it compiles once per batch size.
 
 Sampling uses the Gumbel-max form of multinomial sampling: `argmax(log_softmax(z / T) - log(-log U))`
 with `U` uniform noise drawn per row and per step from that row's `torch.Generator` over the codebook (in
