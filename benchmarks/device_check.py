@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -292,15 +294,14 @@ def environment(ctx):
     import torch
 
     versions = {}
-    for name in REPORTED:
+    for name in REPORTED:  # presence as the import system sees it, versions from the metadata (no imports)
         if importlib.util.find_spec(name) is None:
             versions[name] = None
             continue
         try:
-            mod = importlib.import_module(name)
-            versions[name] = getattr(mod, "__version__", "?")
-        except Exception as err:  # installed but broken: report it, do not stop
-            versions[name] = f"import error: {type(err).__name__}"
+            versions[name] = importlib.metadata.version(OPTIONAL.get(name, name))
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "?"
     ctx.info.update(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                     transformers=versions["transformers"], packages=versions)
     if ctx.device.type == "cuda":
@@ -337,7 +338,7 @@ def pytest_cuda(ctx):
     files = _cuda_test_files()
     junit = ctx.out / "pytest_cuda.xml"
     timeout = max(30, min(ctx.plan.pytest_timeout_s, int(ctx.remaining()) - 60))
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rA", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rA", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", f"--junitxml={junit}", *files]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     t = time.perf_counter()
@@ -356,6 +357,10 @@ def pytest_cuda(ctx):
     dt = time.perf_counter() - t
     tail = " ".join(output.strip().splitlines()[-1:])[:200]
     if rc is None:
+        # no junit file: the tests that finished are in the verbose log
+        for name, outcome in re.findall(r"^\S*?(test_\w+\.py::\S+) (PASSED|FAILED|SKIPPED|ERROR)", output, re.M):
+            ctx.add(case=name.replace(".py", ""), status={"PASSED": "ok", "SKIPPED": "skipped"}.get(outcome, "failed"),
+                    notes=outcome.lower())
         ctx.add(case="pytest -m cuda", status="failed", notes=f"timed out after {timeout} s (log: pytest_cuda.log)")
         return
     if junit.exists():
