@@ -100,7 +100,8 @@ def test_dry_run_measures_every_section(dry_run):
         assert row["status"] == "ok" and row["batch"] == batch
         assert row["s_per_image"] > 0 and row["steps_per_s"] > 0 and row["peak_gib"] > 0
         assert row["floor_s_per_image"] > 0 and row["floor_kv_s_per_image"] > row["floor_s_per_image"]
-        assert "extrapolated" in row["notes"]
+        # extrapolated from two runs, or (a CPU too busy for the difference) taken from the longer run alone
+        assert row["notes"].startswith("per step ") and ("extrapolated" in row["notes"] or "run alone" in row["notes"])
     assert "graphs compiled 1," in decode["compile=reduce-overhead, batch 1"]["notes"]
     whole = next(r for r in by_section["decode_eager"] if "whole image" in r["case"])
     assert whole["status"] == "ok" and whole["s_per_image"] > 0
