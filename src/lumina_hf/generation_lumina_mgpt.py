@@ -414,7 +414,8 @@ def generate_image_tokens(
         compile: `torch.compile` the decode step: True (default mode) or one of `COMPILE_MODES`;
             "reduce-overhead" and "max-autotune" replay it as a CUDA graph on GPUs. It compiles once per
             batch size (and per 256-token bucket of prompt + image length); the compiled step keeps its
-            static cache for the next call of the same shape.
+            static cache for the next call of the same shape (`clear_decode_cache(model)` frees it), so
+            compiled calls on one model must not run concurrently.
         callback: `callback(step, tokens_so_far) -> stop`, called after every step; return a Python bool
             (True interrupts the loop). A tensor returned here would make the host wait for the device.
         progress_bar: an object with `update(n)` (e.g. a tqdm bar).
