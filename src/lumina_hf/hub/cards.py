@@ -307,11 +307,12 @@ def build_model_card(
     return card
 
 
-def render_local_card(folder: str | os.PathLike, model_name: str, *, token: str | None = None, **kwargs: Any) -> str:
+def render_local_card(folder: str | os.PathLike, model_name: str, *, options: PublishOptions | None = None,
+                      token: str | None = None, **kwargs: Any) -> str:
     """The card text of a local folder (no repo yet), e.g. the README.md that `lumina-hf convert` writes:
-    the same templates, metadata and checks as a push. `kwargs` are `PublishOptions` fields."""
+    the same templates, metadata and checks as a push. `options` or its fields as keyword arguments."""
     info = inspect_folder(folder)
-    text = str(build_model_card(info, None, options=PublishOptions.build(**kwargs), model_name=model_name))
+    text = str(build_model_card(info, None, options=PublishOptions.build(options, **kwargs), model_name=model_name))
     check_clean(text, "the model card", local_roots(Path(folder), info.base_model_local), token, text=True)
     return text
 
