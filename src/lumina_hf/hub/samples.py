@@ -82,7 +82,7 @@ def generate_sample_grid(
     defaults (`generation_config`: guidance scale, image top-k, temperature, number of ranked candidates; the
     reference's values where it sets none), exactly as `pipe(prompt)` would. `guidance_scale` overrides the
     model's. Prompts are generated `batch_size` at a time (each image depends only on its prompt and its
-    generator, not on the batch)."""
+    generator, not on the batch); one at a time when candidates are ranked (see below)."""
     import PIL.Image
     import torch
 
@@ -93,21 +93,26 @@ def generate_sample_grid(
     sampling, omni_sampling = sampling_settings(getattr(pipe.model, "generation_config", None))
     if guidance_scale is not None:
         sampling = dict(sampling, guidance_scale=guidance_scale)
+    # With ranked candidates the pipeline seeds the candidates of an image from its generator when generators are
+    # given per image (a list), and uses a single generator as is: the card's snippet passes one generator, so
+    # each prompt is then generated alone with its own single generator, which the snippet reproduces.
+    one_by_one = sampling["num_candidates"] > 1
+    batch_size = 1 if one_by_one else max(1, batch_size)
     gen_device = "cuda" if str(pipe.device).startswith("cuda") else "cpu"
     generators = [torch.Generator(gen_device).manual_seed(seed + i) for i in range(len(prompts))]
     images = []
     try:
-        for start in range(0, len(prompts), max(1, batch_size)):
-            stop = start + max(1, batch_size)
+        for start in range(0, len(prompts), batch_size):
+            stop = start + batch_size
             images += pipe(
-                list(prompts[start:stop]),
+                prompts[start] if one_by_one else list(prompts[start:stop]),
                 height=height,
                 width=width,
                 guidance_scale=sampling["guidance_scale"],
                 top_k=sampling["top_k"],
                 temperature=sampling["temperature"],
                 num_candidates=sampling["num_candidates"],
-                generator=generators[start:stop],
+                generator=generators[start] if one_by_one else generators[start:stop],
             ).images
     except ValueError as err:
         raise PublishInputError(f"could not generate the sample images: {err}") from None

@@ -153,33 +153,42 @@ def _where(data: bytes, offset: int, text: bool) -> str:
     return f"line {line}"
 
 
-def check_clean(data: bytes | str, what: str, roots: tuple[str, ...], token: str | None, text: bool | None = None) -> None:
-    """Refuse (`PublishInputError`) content that holds the push token, a secret-shaped string or one of the
-    local `roots`, naming `what` and the line (text) or byte offset (binary). Secrets are shown masked."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    text = is_text_like(raw) if text is None else text
+def _first_problem(raw: bytes, roots: tuple[str, ...], token: str | None) -> tuple[int, str, str] | None:
+    """(offset, what it is, the offending string) of the first secret or local path in `raw`, or None."""
     if token and len(token) >= MIN_TOKEN_LENGTH:
         pos = raw.find(token.encode("utf-8"))
         if pos >= 0:
-            raise PublishInputError(
-                f"{what}, {_where(raw, pos, text)}: holds the Hub token used for this push ({mask(token)}): remove "
-                "it, or leave the file out, before publishing."
-            )
+            return pos, "the Hub token used for this push", token
     for label, pattern in SECRET_PATTERNS:
         m = pattern.search(raw)
         if m:
-            found = m.group(0).decode("utf-8", errors="replace")
-            raise PublishInputError(
-                f"{what}, {_where(raw, m.start(), text)}: holds what looks like a {label} ({mask(found)}): remove it, "
-                "or leave the file out, before publishing."
-            )
+            return m.start(), f"what looks like a {label}", m.group(0).decode("utf-8", errors="replace")
     for r in roots:
         pos = raw.find(r.encode("utf-8"))
         if pos >= 0:
-            raise PublishInputError(
-                f"{what}, {_where(raw, pos, text)}: names a local path that scrubbing could not remove: edit it, or "
-                "leave the file out, before publishing."
-            )
+            return pos, "local path", r
+    return None
+
+
+def check_clean(data: bytes | str, what: str, roots: tuple[str, ...], token: str | None, text: bool | None = None,
+                original: bytes | None = None) -> None:
+    """Refuse (`PublishInputError`) content that holds the push token, a secret-shaped string or one of the
+    local `roots`, naming `what` and the line (text) or byte offset (binary). Secrets are shown masked. When
+    `data` is the scrubbed form of `original`, the line is counted in `original` (the file as the user sees it)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    text = is_text_like(raw) if text is None else text
+    problem = _first_problem(raw, roots, token)
+    if problem is None:
+        return
+    pos, kind, found = problem
+    if original is not None and found.encode("utf-8") in original:
+        raw, pos = original, original.find(found.encode("utf-8"))
+    where = f"{what}, {_where(raw, pos, text)}"
+    if kind == "local path":
+        raise PublishInputError(
+            f"{where}: names a local path that scrubbing could not remove: edit it, or leave the file out, before publishing."
+        )
+    raise PublishInputError(f"{where}: holds {kind} ({mask(found)}): remove it, or leave the file out, before publishing.")
 
 
 # ------------------------------------------------------------------------------------------ uploads
@@ -251,7 +260,7 @@ def prepare_uploads(
             continue
         text = raw.decode("utf-8")
         new_text = text if name in VOCAB_FILES else _scrub_text(rel, text, roots, key_values)
-        check_clean(new_text, rel, vocab_roots if name in VOCAB_FILES else roots, token, text=True)
+        check_clean(new_text, rel, vocab_roots if name in VOCAB_FILES else roots, token, text=True, original=raw)
         if new_text != text:
             logger.info("Scrubbed local paths / secrets from %s", rel)
             raw = new_text.encode("utf-8")
