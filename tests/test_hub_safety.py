@@ -98,7 +98,7 @@ def _plant_model_extra_token(folder: Path, outside: Path) -> None:
 
 def _plant_link_out(folder: Path, outside: Path) -> None:
     (outside / "token").write_text(TOKEN)
-    os.symlink(outside / "token", folder / "hf_token.txt")
+    os.symlink(outside / "token", folder / "hub_credentials")
 
 
 # name -> (plant, what is left out without --include, the --include pattern, the refusal it then gets)
@@ -107,7 +107,7 @@ CASES = {
     "run.sh": (_plant_run_sh, "run.sh", "run.sh", "run.sh, line 2: holds the Hub token used for this push"),
     "cache/token": (_plant_cache_token, "cache/", "cache/*", "cache/token, line 1: holds the Hub token"),
     "model/extra/token": (_plant_model_extra_token, "model/extra/", "model/extra", "model/extra/token, line 3: holds the Hub token"),
-    "link out": (_plant_link_out, "hf_token.txt", "hf_token.txt", "hf_token.txt is a symbolic link that leads outside the folder"),
+    "link out": (_plant_link_out, "hub_credentials", "hub_*", "hub_credentials is a symbolic link that leads outside the folder"),
 }
 
 
@@ -121,16 +121,17 @@ def test_planted_token_is_left_out_of_a_push_and_its_dry_run(case, pipeline_dir,
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with FakeHub(TOKEN) as hub:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        result = lhub.push_to_hub_folder(folder, REPO, token=TOKEN, endpoint=hub.url)
+        assert set(hub.files(REPO)) == PIPELINE_FILES == set(result.files)
+        assert TOKEN.encode() not in all_bodies(hub)
+        sent = len(hub.requests)
         code, out, err = cli(["push", str(folder), "--repo-id", REPO, "--dry-run"], capsys)
         assert code == 0, err
-        assert hub.requests == []
-        # the dry run lists what would go up, then what is left out and why
-        listed = out.split("left out")[0]
-        assert all(f"  {f}  (" in listed for f in PIPELINE_FILES) and f"  {left_out}  (" not in listed
-        assert f"  {left_out}  (" in out.split("left out")[1].split("\n---\n")[0]
-        result = lhub.push_to_hub_folder(folder, REPO, token=TOKEN, endpoint=hub.url)
-    assert set(hub.files(REPO)) == PIPELINE_FILES == set(result.files)
-    assert TOKEN.encode() not in all_bodies(hub)
+        assert len(hub.requests) == sent  # the dry run sends nothing
+    # the dry run lists what would go up, then what is left out and why
+    listed, rest = out.split("\nleft out")[0], out.split("\nleft out")[1].split("\n---\n")[0]
+    assert all(f"  {f}  (" in listed for f in PIPELINE_FILES) and f"  {left_out}  (" not in listed
+    assert f"  {left_out}  (" in rest
     assert TOKEN not in out + err + caplog.text and str(tmp_path) not in out + caplog.text
 
 
