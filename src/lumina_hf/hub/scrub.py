@@ -1,4 +1,4 @@
-"""Keeps secrets and local paths out of what is published: scrubs configs, then scans every uploaded byte.
+"""Keeps secrets and local paths out of what is published: scrubs configs, then scans every uploaded file.
 
 Two steps, applied to every file of a push (see `prepare_uploads`):
 
