@@ -392,3 +392,17 @@ def test_recipe_push_to_hub_goes_through_the_same_checks(tmp_path, monkeypatch, 
     card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "lumina-hf" and "## Training details" in card.text
     assert hub.repos[REPO]["private"] is True and [c["files"] for c in hub.repos[REPO]["commits"]][-1] == ["README.md"]
+
+    # a secret the recipe copy carries under an ordinary key is found after training: refused, nothing sent, and
+    # the error says the model is saved and how to publish it
+    secret = SECRETS["GitHub token"]
+    with FakeHub(TOKEN) as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        recipe = parse_recipe(tiny_recipe(tmp_path / "run2", push_to_hub=True, hub_model_id=REPO, hub_token=TOKEN, run_name=secret))
+        with pytest.raises(lhub.PublishInputError) as err:
+            run_recipe(recipe)
+        assert hub.requests == []
+    msg = str(err.value)
+    assert msg.startswith("Training finished and its output is saved") and "training_recipe.yaml, line" in msg
+    assert "GitHub token" in msg and secret not in msg and f"lumina-hf push <output folder> --repo-id {REPO}" in msg
+    assert (tmp_path / "run2" / "model" / "model.safetensors").is_file()

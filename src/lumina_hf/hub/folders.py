@@ -411,7 +411,8 @@ def _inspect_adapter(path: Path, info: FolderInfo) -> list[str]:
             _, base_target = _processor_target_size(proc_dir)
             info.target_size = info.target_size or base_target
         except PublishInputError as err:
-            logger.warning("The adapter's local base model could not be read (%s); describing the adapter without it.", err)
+            reason = str(err).replace(str(base_path), base_path.name)  # no local path in the log
+            logger.warning("The adapter's local base model could not be read (%s); describing the adapter without it.", reason)
     elif looks_like_hub_id(base):
         info.base_model_hint = base
     is_lumina = parent.startswith("lumina_hf") or info.model_config.get("model_type") == "lumina_mgpt"

@@ -359,9 +359,17 @@ class TrainerPush:
     base_model: str | None = None
 
     def push(self, folder: str | os.PathLike) -> PushResult:
-        """Publish `folder` (the run's pipeline folder, or its adapter) like `lumina-hf push` does."""
-        result = push_to_hub_folder(folder, self.repo_id, token=self.token, private=self.private,
-                                    revision=self.revision, base_model=self.base_model)
+        """Publish `folder` (the run's pipeline folder, or its adapter) like `lumina-hf push` does. A failure
+        says that the trained model is saved and how to publish it once the problem is fixed."""
+        try:
+            result = push_to_hub_folder(folder, self.repo_id, token=self.token, private=self.private,
+                                        revision=self.revision, base_model=self.base_model)
+        except (PublishInputError, PushError) as err:
+            how = (f"Training finished and its output is saved; publishing it to {self.repo_id} failed: {err} Once "
+                   f"fixed, run `lumina-hf push <output folder> --repo-id {self.repo_id}`.")
+            if isinstance(err, PushError):
+                raise PushError(how, committed=err.committed, not_committed=err.not_committed) from None
+            raise PublishInputError(how) from None
         for commit in result.commits:
             logger.info("Published to the Hub: %s", commit.url)
         return result
