@@ -13,7 +13,8 @@
   keyword arguments); `errors`: `PublishInputError` (nothing uploaded) and `PushError` (an upload stopped).
 """
 
-from .cards import (
+from .cards import (  # noqa: F401  (_tokens_per_image: kept importable from lumina_hf.hub for its users)
+    BASE_TAGS,
     CHAMELEON_LICENSE,
     CHAMELEON_VQGAN,
     EXAMPLE_PROMPT,
@@ -21,6 +22,7 @@ from .cards import (
     OMNI_SAMPLING,
     TEMPLATE_FILES,
     TEXT_TO_IMAGE_SAMPLING,
+    _tokens_per_image,
     build_model_card,
     load_template,
     render_local_card,
@@ -47,6 +49,7 @@ from .records import TrainingDetails, read_training_details
 from .samples import GRID_PATH, SampleGrid, generate_sample_grid, load_folder_pipeline
 
 __all__ = [
+    "BASE_TAGS",
     "CARD_TYPES",
     "CHAMELEON_LICENSE",
     "CHAMELEON_VQGAN",

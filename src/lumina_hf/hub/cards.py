@@ -138,6 +138,11 @@ def _format_params(n: int | None) -> str | None:
     return str(n)
 
 
+def _tokens_per_image(width: int, height: int) -> int:
+    """Decoding steps of one image: its UniRep span (tests check it against the processor and training)."""
+    return UniRepLayout().span_length(height, width)
+
+
 def _target_from_name(*names: Any) -> int | None:
     for n in names:
         if isinstance(n, str):
@@ -228,7 +233,7 @@ def _card_context(info: FolderInfo, card_type: str, load_id: str, model_name: st
         "buckets": [f"{w}x{h}" for w, h in (generate_buckets(target_size) if target_size else [])],
         "width": size,
         "height": size,
-        "tokens_per_image": UniRepLayout().span_length(size, size),
+        "tokens_per_image": _tokens_per_image(size, size),
         "sampling": sampling,
         "omni_sampling": omni_sampling,
         "sampling_from_model": info.generation_config is not None or samples is not None,

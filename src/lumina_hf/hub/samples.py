@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cards import sampling_settings
+from .cards import OMNI_SAMPLING, TEXT_TO_IMAGE_SAMPLING, sampling_settings
 from .errors import PublishInputError
 from .folders import FolderInfo
 
@@ -30,6 +30,11 @@ class SampleGrid:
     path_in_repo: str = GRID_PATH
     sampling: dict[str, Any] = field(default_factory=dict)  # text-to-image: guidance_scale, top_k, temperature, num_candidates
     omni_sampling: dict[str, Any] = field(default_factory=dict)  # the Omni image tasks' values for the same model
+
+    def __post_init__(self) -> None:
+        # a grid built by hand without its settings: the reference's values with the given guidance
+        self.sampling = self.sampling or dict(TEXT_TO_IMAGE_SAMPLING, guidance_scale=self.guidance_scale)
+        self.omni_sampling = self.omni_sampling or dict(OMNI_SAMPLING)
 
 
 def load_folder_pipeline(info: FolderInfo, base_model: str | None = None, device: str | None = None, dtype=None):
