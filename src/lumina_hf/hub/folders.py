@@ -437,7 +437,7 @@ def inspect_folder(folder: str | os.PathLike, include: list[str] | None = None) 
     patterns = _static_allow_list(kind)
     relevant = {posixpath.dirname(p) for p in patterns if "/" in p}
     relevant |= {posixpath.dirname(d) for d in relevant if "/" in d}
-    unneeded = f"not a file a {kind} folder needs: upload it with --include PATTERN (include=[...])"
+    unneeded = f"not a file a {kind} folder needs; --include PATTERN uploads it"
     listing = _list_folder(path, descend_all=bool(include), relevant_dirs=relevant, unneeded=unneeded)
     _refuse_outside_links(listing, patterns, include)
 
