@@ -612,46 +612,6 @@ def _model_index() -> dict[str, Any]:
     }
 
 
-def _model_card(source: str, base_model: str | None, config: LuminaMGPTConfig, target_size: int, output: str) -> str:
-    front = ["---", "library_name: lumina_hf", "pipeline_tag: text-to-image",
-             "tags:", "- lumina-mgpt", "- chameleon", "- text-to-image", "- any-to-any"]
-    if base_model:
-        front.append(f"base_model: {base_model}")
-    front.append("---")
-    params = "34B" if config.hidden_size >= 8192 else ("7B" if config.hidden_size >= 4096 else "custom-size")
-    name = os.path.basename(output.rstrip("/"))
-    d = GENERATION_DEFAULTS
-    body = f"""
-# {name}
-
-Lumina-mGPT ({params}, {target_size}px buckets) in the `lumina_hf` format: the language model, the full
-Chameleon VQGAN (encoder and decoder, float32), the tokenizer and the image processor in one folder, loadable
-with `LuminaMGPTPipeline.from_pretrained` or the transformers Auto classes after `import lumina_hf`.
-
-Converted with `lumina-hf convert` from `{source}` and Meta's Chameleon VQGAN (`vqgan.yaml`, `vqgan.ckpt`).
-
-## Usage
-
-```py
-import torch
-from lumina_hf import LuminaMGPTPipeline
-
-pipe = LuminaMGPTPipeline.from_pretrained("{name}", torch_dtype=torch.bfloat16).to("cuda")
-image = pipe("a photo of a red fox in the snow", height={target_size}, width={target_size}).images[0]
-```
-
-Sampling defaults (`generation_config.json`): guidance scale {d['guidance_scale']}, image top-k {d['image_top_k']},
-text top-k {d['top_k']}, temperature {d['temperature']}, generation stops at `<reserved08706>`
-(id {config.separator_token_id}).
-
-## License
-
-The weights keep the licenses of their sources: the Lumina-mGPT checkpoint (Alpha-VLLM) and Meta's Chameleon
-release (the VQGAN and tokenizer, Chameleon research license).
-"""
-    return "\n".join(front) + "\n" + body
-
-
 LOCK_FILE = ".lumina-convert.pid"  # in a conversion's temporary folder: the PID of the process writing it
 
 
@@ -848,6 +808,14 @@ def convert_checkpoint(
     base_model = source if (not os.path.isdir(os.path.expanduser(source)) and _looks_like_hub_id(source)) else None
     if base_model is None and _looks_like_hub_id(str(published.get("_name_or_path", ""))):
         base_model = str(published["_name_or_path"])
+    # the card is rendered by lumina_hf.hub (the templates `lumina-hf push` uses); its options are checked now,
+    # before anything is written (a name the Hub would not accept as a repo id is no base_model)
+    from .hub import PublishInputError, PublishOptions, render_local_card
+
+    try:
+        card_options = PublishOptions(base_model=base_model, target_size=int(target_size))
+    except PublishInputError:
+        card_options = PublishOptions(target_size=int(target_size))
 
     # ---- write into a temporary folder next to the output, then move it into place
     parent = os.path.dirname(output)
@@ -871,8 +839,9 @@ def convert_checkpoint(
         with open(os.path.join(tmp, "model_index.json"), "w", encoding="utf-8") as f:
             json.dump(_model_index(), f, indent=2, sort_keys=True)
             f.write("\n")
+        card = render_local_card(tmp, os.path.basename(output), options=card_options)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(_model_card(source, base_model, config, int(target_size), output))
+            f.write(card)
         os.remove(os.path.join(tmp, LOCK_FILE))
         os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it private; the output gets normal permissions
         _install(tmp, output, overwrite)
