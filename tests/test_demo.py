@@ -426,7 +426,8 @@ def test_library_imports_without_gradio_and_build_demo_says_what_to_install():
 # ---------------------------------------------------------------------------------------------- Gradio layer
 def test_build_demo_and_error_messages(pipe):
     gr = pytest.importorskip("gradio")
-    from lumina_hf.demo import _as_user_error, build_demo
+    from lumina_hf.demo import build_demo
+    from lumina_hf.demo.app import _as_user_error
 
     demo = build_demo(pipe, notice="The app listens on every network interface.")
     try:
@@ -592,7 +593,7 @@ def test_browser_text_to_image_then_omni_describe(page):
     screenshot(page, "demo-text-to-image.png")
 
     page.get_by_role("tab", name="Omni").click()
-    from lumina_hf.nano.shapes import draw_shape
+    from examples.nano.shapes import draw_shape
 
     shape, _ = draw_shape("square", "yellow", "black", (96, 96))
     upload = os.path.join(ARTIFACTS, "upload-yellow-square.png")

@@ -43,11 +43,11 @@ def test_7b_arithmetic_by_hand():
     #   total = 2 * 268,435,456 + 6,476,283,904 + 4,096 = 7,013,158,912 params -> 14,026,317,824 bytes
     assert e.weights == 14_026_317_824
     # KV cache: 768 px -> 48 x 48 codes; the grid is 48 rows of 48 codes + a row end, then the end token:
-    # 48 * 49 + 1 = 2353 steps; the cache holds the prompt (40), the image prefix (3) and the steps: 2396 tokens.
-    # Guidance doubles the rows (2). Keys and values, 32 layers, 32 heads x 128, bf16:
-    #   2 * 32 * 2 * 32 * 2396 * 128 * 2 = 2,512,388,096 bytes (2.34 GiB)
-    assert e.cache_length == 2396 and e.rows == 2
-    assert e.kv_cache == 2_512_388_096
+    # 48 * 49 + 1 = 2353 steps; the cache holds the prompt (40), the image prefix (3) and the steps: 2396 tokens,
+    # which the loop rounds up to a multiple of 256: 2560. Guidance doubles the rows (2). Keys and values,
+    # 32 layers, 32 heads x 128, bf16:  2 * 32 * 2 * 32 * 2560 * 128 * 2 = 2,684,354,560 bytes (2.5 GiB)
+    assert e.cache_length == 2560 and e.rows == 2
+    assert e.kv_cache == 2_684_354_560
     # the sampler's copy of the image-code rows of the LM head: 8192 * 4096 * 2 = 67,108,864
     assert e.decode_head == 67_108_864
     # int8: each decoder linear keeps 1 byte per weight plus 5 bytes per output row (fp32 scale, int8 zero point);

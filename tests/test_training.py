@@ -517,3 +517,29 @@ def test_bad_recipes_and_data_are_refused_before_the_model_loads(tmp_path, monke
         with pytest.raises(ValueError, match=message):
             run_recipe(recipe)
     assert not (tmp_path / "out").exists()  # nothing written for a refused run
+
+
+@pytest.mark.cuda
+def test_fused_liger_loss_equals_the_chunked_loss_on_cuda():
+    """On a GPU with liger-kernel: the fused loss has the chunked loss's value and gradients (CE + weighted z-loss)."""
+    from lumina_hf.training.trainer import chunked_lm_loss, fused_lm_loss, liger_available
+
+    if not liger_available():
+        pytest.skip("needs CUDA and liger-kernel (pip install liger-kernel)")
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 33, 64, generator=g).cuda().requires_grad_()
+    weight = (0.1 * torch.randn(1000, 64, generator=g)).cuda().requires_grad_()
+    labels = torch.randint(0, 1000, (2, 33), generator=g).cuda()
+    labels[0, :5] = -100
+    w = 1e-2
+    results = []
+    for fn in (lambda: chunked_lm_loss(hidden, weight, labels, 16), lambda: fused_lm_loss(hidden, weight, labels, w)):
+        parts = fn()
+        total = parts["nll_sum"] + w * parts["z_sum"]
+        grads = torch.autograd.grad(total, (hidden, weight))
+        results.append((total.detach(), parts["z_sum"].detach(), grads))
+    (a, za, ga), (b, zb, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(za, zb, rtol=1e-4, atol=1e-3)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)

@@ -11,7 +11,8 @@ decoding loop (`lumina_hf.generation_lumina_mgpt.generate_image_tokens`) followe
 - **decode head**: the sampler's copy of the LM-head rows of the image codes (`n_codes x hidden` in `dtype`).
 - **KV cache**: the static cache, one key and one value tensor per layer of
   `(rows, kv_heads, cache_length, head_dim)` in `dtype`, where `rows = batch_size x num_candidates x 2` with
-  guidance (a conditional and an unconditional row per image) and `cache_length = prompt + 3 + grid` tokens.
+  guidance (a conditional and an unconditional row per image) and `cache_length = prompt + 3 + grid` tokens, rounded up as the decoding loop rounds it (a multiple of 256 within
+  the model's context).
 - **activations**: the larger of the prefill (every prompt position at once) and one decoding step (one position,
   attention over the whole cache, the code logits and the sampler's temporaries).
 - **candidate ranking** (only with `num_candidates > 1`): the forward pass that scores each candidate's caption
@@ -276,7 +277,9 @@ def memory_estimate(
     grid_rows, grid_cols = layout.grid_shape(height, width)
     steps = layout.grid_length(grid_rows, grid_cols)
     prompt = prompt_length + 3  # + the image prefix (start token and the two size tokens)
-    cache_length = prompt + steps
+    from .generation_lumina_mgpt import _cache_length  # the loop rounds the cache up (one compiled shape per bucket)
+
+    cache_length = _cache_length(prompt + steps, config.max_position_embeddings)
 
     # ---- KV cache (static: allocated for the full length at the first forward)
     layer_kv = 2 * rows * n_kv * cache_length * hd * b

@@ -83,15 +83,22 @@ class LuminaMGPTAttention(ChameleonAttention):
             self.k_norm = GroupedHeadLayerNorm(groups, self.num_key_value_heads, self.head_dim)
 
 
-class LuminaMGPTDecoderLayer(ChameleonDecoderLayer):
+class _LuminaLayerParts:
+    """What both Lumina decoder layers add to the stock ones: the Lumina attention and two residual dropouts."""
+
+    def _add_lumina_parts(self, config: LuminaMGPTConfig, layer_idx: int) -> None:
+        self.self_attn = LuminaMGPTAttention(config, layer_idx)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.mlp_dropout = nn.Dropout(config.dropout)
+
+
+class LuminaMGPTDecoderLayer(_LuminaLayerParts, ChameleonDecoderLayer):
     """Pre-norm Chameleon decoder layer (7B) with residual dropout (`config.dropout`, training only) on the
     attention and MLP outputs before each residual add."""
 
     def __init__(self, config: LuminaMGPTConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.self_attn = LuminaMGPTAttention(config, layer_idx)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.mlp_dropout = nn.Dropout(config.dropout)
+        self._add_lumina_parts(config, layer_idx)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -107,15 +114,13 @@ class LuminaMGPTDecoderLayer(ChameleonDecoderLayer):
         return (residual + self.mlp_dropout(hidden_states),)
 
 
-class LuminaMGPTSwinDecoderLayer(ChameleonSwinDecoderLayer):
+class LuminaMGPTSwinDecoderLayer(_LuminaLayerParts, ChameleonSwinDecoderLayer):
     """Post-norm ("swin norm") Chameleon decoder layer (34B) with the same residual dropout, applied to the
     attention and MLP outputs before their norms."""
 
     def __init__(self, config: LuminaMGPTConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.self_attn = LuminaMGPTAttention(config, layer_idx)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.mlp_dropout = nn.Dropout(config.dropout)
+        self._add_lumina_parts(config, layer_idx)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, **kwargs):

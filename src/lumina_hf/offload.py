@@ -51,16 +51,4 @@ def weights_on_execution_device(module: torch.nn.Module):
         yield
 
 
-def onload_model(model: torch.nn.Module) -> None:
-    """With model-level CPU offload (`pipe.enable_model_cpu_offload()`, accelerate's `cpu_offload_with_hook`), the
-    whole model moves to its accelerator when its `forward` is called. Callers that drive submodules directly (the
-    guided decoding loop calls `model.model` and the VQGAN) call this first: it does what that `forward` would, and
-    the pipeline's `maybe_free_model_hooks()` moves the model back afterwards. A no-op without such a hook."""
-    from accelerate.hooks import CpuOffload
-
-    hook = getattr(model, "_hf_hook", None)
-    if isinstance(hook, CpuOffload):
-        hook.pre_forward(model)
-
-
-__all__ = ["execution_device", "is_offloaded", "onload_model", "weights_on_execution_device"]
+__all__ = ["execution_device", "is_offloaded", "weights_on_execution_device"]

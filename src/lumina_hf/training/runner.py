@@ -127,32 +127,32 @@ def unirep_token_ids(config) -> list[int]:
 
 
 def build_peft_config(lora_args: LoraArguments, model_config=None):
-    """The PEFT `LoraConfig` of a recipe (None for full fine-tuning). The VQGAN is never adapted; lm_head gets no
-    LoRA (TRL and the generation loop read `lm_head.weight` directly) but, with `lora_train_image_head`, its UniRep
-    rows become trainable through PEFT's `trainable_token_indices` (saved with the adapter, merged by
-    `merge_and_unload`). `model_config` defaults to the published token ids."""
+    """The PEFT `LoraConfig` of a recipe (None for full fine-tuning), built by TRL's `get_peft_config` from the
+    recipe's LoRA keys (the names of TRL's `ModelConfig`), then given what TRL does not know about Lumina-mGPT: the
+    VQGAN is never adapted, and with `lora_train_image_head` the UniRep rows of lm_head become trainable through
+    PEFT's `trainable_token_indices` (lm_head gets no LoRA: TRL and the generation loop read `lm_head.weight`
+    directly). `model_config` defaults to the published token ids."""
     if not lora_args.use_peft:
         return None
-    from peft import LoraConfig
+    from trl import ModelConfig, get_peft_config
 
     from ..configuration_lumina_mgpt import LuminaMGPTConfig
 
-    kwargs: dict[str, Any] = {}
+    config = get_peft_config(ModelConfig(
+        use_peft=True,
+        lora_r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        lora_target_modules=lora_args.lora_target_modules,
+        use_rslora=lora_args.use_rslora,
+        lora_task_type="CAUSAL_LM",
+    ))
+    config.exclude_modules = r".*\bvqmodel\b.*"
     if lora_args.lora_train_image_head:
         # without a model (dry run): the published ids, from the default config (no weights are built)
         cfg = model_config if model_config is not None else LuminaMGPTConfig()
-        kwargs["trainable_token_indices"] = {"lm_head": unirep_token_ids(cfg)}
-    return LoraConfig(
-        r=lora_args.lora_r,
-        lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=lora_args.lora_target_modules,
-        exclude_modules=r".*\bvqmodel\b.*",
-        use_rslora=lora_args.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-        **kwargs,
-    )
+        config.trainable_token_indices = {"lm_head": unirep_token_ids(cfg)}
+    return config
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -484,6 +484,11 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, callbacks=None) -> Trainin
     if _fsdp_activation_checkpointing() and training.activation_checkpointing:
         logger.info("FSDP activation checkpointing is on (accelerate config): the trainer's own checkpointing is turned off.")
         training.activation_checkpointing = training.gradient_checkpointing = False
+    # `push_to_hub: true` publishes through lumina_hf.hub (what `lumina-hf push` does), checked before any work
+    from ..hub import trainer_push
+
+    hub_push = trainer_push(training, recipe.model.model_name_or_path,
+                            adapter_only=bool(recipe.lora.use_peft and not training.save_merged))
     if dry_run:
         return _dry_run(recipe)
 
@@ -508,6 +513,8 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, callbacks=None) -> Trainin
     result = TrainingResult(recipe=recipe, trainer=trainer, peft_config=peft_config, output_dir=training.output_dir,
                             metrics=dict(train_out.metrics), is_main_process=trainer.accelerator.is_main_process)
     save_outputs(trainer, recipe, trainer.processing_class, result)  # the processor at the stage's target size
+    if hub_push is not None and result.is_main_process:
+        hub_push.push(result.pipeline_dir or result.adapter_dir)
     return result
 
 
