@@ -32,6 +32,7 @@ from lumina_hf.processing_lumina_mgpt import (
     text_to_image_prompt,
 )
 from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
+from lumina_hf.training.vq import encode_image_spans, tokenize_with_image_codes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference implementation (from SPEC.md, independent of the library)
@@ -268,7 +269,7 @@ def test_unirep_ids_from_grid(proc, code_to_id):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Images through the VQGAN: processor ids == reference ids; vq_model= path == placeholders + fill
+# Images through the VQGAN: offline ids (training's batched encoder) == reference ids == placeholders + model fill
 # ---------------------------------------------------------------------------------------------------------------
 IMAGE_SET = [
     ("square", (300, 300), "RGB"),
@@ -299,7 +300,7 @@ def test_image_set_matches_reference(proc, model, code_to_id, T, target):
 
     # offline path: final ids. No markers: every image goes at the start of the first user turn as "<|image|> ".
     text = "Describe these."
-    out = proc(text=text, images=images, vq_model=model)
+    out = tokenize_with_image_codes(proc, model, text=text, images=images)
     assert "pixel_values" not in out
     expected = [BOS]
     for span in spans:
@@ -322,8 +323,8 @@ def test_image_set_matches_reference(proc, model, code_to_id, T, target):
     assert filled[0].tolist() == got
     assert torch.equal(lazy["attention_mask"], out["attention_mask"])
 
-    # encode_images gives the same spans
-    assert proc.encode_images([images[1]], model) == [spans[1]]
+    # encode_image_spans gives the same spans
+    assert encode_image_spans(proc, [images[1]], model) == [spans[1]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,7 +469,7 @@ def test_labels_multi_turn_multi_image(proc128, model, code_to_id, T):
     exp_ids = [BOS] + user1 + asst1 + user2 + asst2
     exp_labels = [IGNORE] * (1 + len(user1)) + asst1 + [IGNORE] * len(user2) + asst2
 
-    out = proc128(conversations=conv, images=imgs, vq_model=model, return_labels=True)
+    out = tokenize_with_image_codes(proc128, model, conversations=conv, images=imgs, return_labels=True)
     ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
     assert ids == exp_ids
     assert labels == exp_labels
@@ -497,7 +498,7 @@ def test_fill_placeholders_with_labels_user_and_assistant_images(proc128, model)
     a, b = make_image(64, 64, seed=70), make_image(64, 128, seed=71)
     conv = [{"role": "user", "content": "<|image|> edit"}, {"role": "assistant", "content": "<|image|>"}]
     lazy = proc128(conversations=conv, images=[a, b], return_labels=True)
-    offline = proc128(conversations=conv, images=[a, b], return_labels=True, vq_model=model)
+    offline = tokenize_with_image_codes(proc128, model, conversations=conv, images=[a, b], return_labels=True)
     f_ids, f_labels = model.fill_image_placeholders(lazy["input_ids"], lazy["pixel_values"], lazy["labels"])
     assert torch.equal(f_ids, offline["input_ids"])
     assert torch.equal(f_labels, offline["labels"])
@@ -522,7 +523,7 @@ def test_labels_text_to_image_training_item(proc128, model, code_to_id, T):
     bw, bh = ref_bucket(200, 100, 128)
     prompt = text_to_image_prompt("a landscape", bw, bh)
     item = {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "<|image|>"}], "image": [img]}
-    out = proc128(conversations=item, vq_model=model, return_labels=True)
+    out = tokenize_with_image_codes(proc128, model, conversations=item, return_labels=True)
     span = ref_span(proc128, model, code_to_id, img)
     user = T(f"Generate an image of {bw}x{bh} according to the following prompt:\na landscape") + [SEP]
     assert out["input_ids"][0].tolist() == [BOS] + user + span + [SEP]
@@ -629,7 +630,7 @@ def test_batch_with_images_fill_matches_offline(proc128, model):
     texts = ["<|image|> describe", "no image here, just a long text prompt"]
     lazy = proc128(text=texts, images=[[a], []])
     assert len(lazy["pixel_values"]) == 1
-    offline = proc128(text=texts, images=[[a], None], vq_model=model)
+    offline = tokenize_with_image_codes(proc128, model, text=texts, images=[[a], None])
     filled, _ = model.fill_image_placeholders(lazy["input_ids"], lazy["pixel_values"])
     assert torch.equal(filled, offline["input_ids"])
     assert torch.equal(lazy["attention_mask"], offline["attention_mask"])
@@ -672,7 +673,7 @@ def test_round_trip_image_to_ids_to_image(proc128, model, code_to_id, T):
     bw, bh = ref_bucket(300, 200, 128)
     prompt = text_to_image_prompt("stripes", bw, bh)
     conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": "<|image|>"}]
-    out = proc(conversations=conv, images=[img], vq_model=model)
+    out = tokenize_with_image_codes(proc, model, conversations=conv, images=[img])
     seq = out["input_ids"][0]
     # the reference: the model's codes -> its decoder -> clamp, (x+1)/2*255, truncate
     pixels = proc.image_processor([img])["pixel_values"]

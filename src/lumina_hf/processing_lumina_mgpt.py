@@ -1,17 +1,15 @@
-"""LuminaMGPTProcessor: the Lumina-mGPT data format (SPEC.md sections 4 and 5).
+"""LuminaMGPTProcessor: the Lumina-mGPT data format on transformers' processor machinery.
 
-A conversation is `<s>` then each turn's text followed by `<reserved08706>`, with no role words. `<|image|>`
-in a turn marks where the next image goes; the image becomes its UniRep tokens
-`[<racm3:break>, size(H), size(W), row_0, <row end>, ..., row_last, <row end>, <eoss>]`.
-
-Two ways to get image codes, with identical ids:
-- transformers style: `processor(text=..., images=...)` lays out the exact UniRep span with
-  `<image>` placeholders at the code positions and returns `pixel_values`; the model fills in the codes.
-- offline: `processor(..., vq_model=model)` (or `processor.encode_images(images, model)`) runs the VQGAN
-  here and returns final ids (what the tokenization scripts store).
+A conversation is `<s>` then each turn's text followed by `<reserved08706>`, with no role words: the processor's
+chat template (`default_chat_template`, Jinja) writes it and marks the assistant turns with `{% generation %}`, and
+exactly those turns are trained (labels are the ids there, -100 elsewhere). `<|image|>` in a turn marks where the
+next image goes; the `replace_image_token` hook turns each image into its UniRep span with `<image>` placeholders at
+the code positions, `[<racm3:break>, size(H), size(W), <image> x W/16, <row end>, ..., <row end>, <eoss>]`, and the
+image's `pixel_values` are returned beside the ids: the model fills in the VQ codes (`fill_image_placeholders`, or
+`forward`/`generate` with `pixel_values`). Offline tokenization for training VQ-encodes in batches in
+`lumina_hf.training`.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import functools
@@ -22,8 +20,10 @@ from typing import Any
 import torch
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs
 
 from .image_processing_lumina_mgpt import LuminaMGPTImageProcessor
+from .padding import IGNORE_INDEX, pad_batch
 from .unirep import MalformedImageSpanError, UniRepLayout, parse_image_code_token_name
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ IMAGE_MARKER = "<|image|>"
 T2I_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{caption}"
 T2I_TEMPLATE_NO_SIZE = "Generate an image according to the following prompt:\n{caption}"
 
-# Omni-SFT instructions (SPEC.md section 5), written as trained (including "Segmentic").
+# Omni-SFT instructions, written as the published models were trained (including "Segmentic").
 OMNI_TASK_PROMPTS = {
     "depth": "Depth estimation.",
     "segmentation": "Segmentic segmentation.",
@@ -45,6 +45,73 @@ OMNI_TASK_PROMPTS = {
 
 USER_ROLES = ("user", "human")
 ASSISTANT_ROLES = ("assistant", "gpt")
+
+# The conversation format. No role words: every turn is its text and the separator; assistant turns (text, images and
+# separator) are inside `{% generation %}`, which is what training labels. Content is a string or a list of
+# {"type": "text"|"image"} parts (an image part becomes the marker). @BOS@, @SEP@ and @IMAGE@ are filled in with the
+# processor's token strings when the template is built.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ raise_exception('Lumina-mGPT has no system turn: merge the system text into the first user turn.') }}"
+    "{%- endif -%}"
+    "@BOS@"
+    "{%- for message in messages -%}"
+    "{%- set ns = namespace(text='') -%}"
+    "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
+    "{%- elif message['content'] is not none -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{%- set ns.text = ns.text ~ part['text'] -%}"
+    "{%- elif part['type'] == 'image' -%}{%- set ns.text = ns.text ~ '@IMAGE@' -%}"
+    "{%- else -%}{{ raise_exception('unsupported content part type ' ~ part['type'] ~ \": use 'text' or 'image'.\") }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] in ['assistant', 'gpt'] -%}{%- generation -%}{{ ns.text }}@SEP@{%- endgeneration -%}"
+    "{%- elif message['role'] in ['user', 'human'] -%}{{ ns.text }}@SEP@"
+    "{%- else -%}{{ raise_exception('turn role ' ~ message['role'] ~ \" is not 'user'/'human' or 'assistant'/'gpt'.\") }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def build_chat_template(bos_token: str = "<s>", separator_token: str = "<reserved08706>") -> str:
+    """The conversation format's Jinja template for the given BOS and separator token strings."""
+    return CHAT_TEMPLATE.replace("@BOS@", bos_token).replace("@SEP@", separator_token).replace("@IMAGE@", IMAGE_MARKER)
+
+
+@functools.lru_cache(maxsize=8)
+def _render_function(chat_template: str):
+    # The generation spans (character offsets of each `{% generation %}` block) come from transformers' own
+    # renderer: it is what `ProcessorMixin.apply_chat_template(return_assistant_tokens_mask=True)` uses, but that
+    # method only returns the spans mapped onto one tokenization of the whole string, and we tokenize the rendered
+    # text piece by piece (see `LuminaMGPTProcessor._ids_and_labels`).
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    return functools.partial(render_jinja_template, chat_template=chat_template, return_assistant_tokens_mask=True)
+
+
+class LuminaMGPTImagesKwargs(ImagesKwargs, total=False):
+    """random_crop (`bool`): crop at a seeded random offset instead of the centre (training augmentation).
+    seed (`int`): seed of the random crops of one call."""
+
+    random_crop: bool | None
+    seed: int | None
+
+
+class LuminaMGPTProcessorKwargs(ProcessingKwargs, total=False):
+    """return_labels (`bool`, defaults to False): training mode: `labels` (-100 outside the assistant turns) and right
+    padding; otherwise left padding for generation. Text keywords: `padding_side` ("left"/"right"), `max_length` (an
+    error for longer items: images are never cut) and `return_tensors` ("pt" or None); image keywords: `random_crop`,
+    `seed`."""
+
+    images_kwargs: LuminaMGPTImagesKwargs
+    return_labels: bool
+
+
+# What this processor implements of the keywords above; anything else is refused by name (transformers' own merge
+# only logs unknown keywords, and silently ignoring e.g. a misspelt `max_length` gives untruncated, unchecked items).
+SUPPORTED_KWARGS = {
+    "text_kwargs": ("padding_side", "max_length", "return_tensors"),
+    "images_kwargs": ("random_crop", "seed"),
+    "": ("return_labels",),
+}
 
 
 @dataclasses.dataclass
@@ -70,15 +137,20 @@ def text_to_image_prompt(caption: str, width: int | None = None, height: int | N
 
 class LuminaMGPTProcessor(ProcessorMixin):
     r"""
-    Tokenizer + `LuminaMGPTImageProcessor` + the UniRep layout and conversation template.
+    Tokenizer + `LuminaMGPTImageProcessor` + the UniRep layout and the conversation template.
 
     Args:
         image_processor (`LuminaMGPTImageProcessor`), tokenizer (a fast tokenizer over the Chameleon vocabulary).
+        chat_template (`str`, *optional*): a Jinja template for the conversation format; by default the built-in
+            one (`default_chat_template`, not written to saved folders). Turns inside `{% generation %}` are trained.
         Token names (defaults are the published ones): `bos_token` `<s>`, `separator_token` `<reserved08706>`,
         `image_start_token` `<racm3:break>`, `image_end_token` `<eoss>`, `row_end_token` `<reserved08799>`,
         `size_token_base` `<reserved08800>` (a side of n grid units is that id + n), `image_placeholder_token` `<image>`.
     """
 
+    valid_processor_kwargs = LuminaMGPTProcessorKwargs
+    text_kwargs = {"return_tensors": "pt"}
+    return_labels = False
 
     def __init__(
         self,
@@ -105,6 +177,7 @@ class LuminaMGPTProcessor(ProcessorMixin):
         self.row_end_token, self.size_token_base = row_end_token, size_token_base
         self.image_placeholder_token = image_placeholder_token
         self.max_size_units = max_size_units
+        self.image_token = IMAGE_MARKER  # the marker in the text that `replace_image_token` expands
         self._ids = {}
         for attr in (
             "bos_token",
@@ -120,7 +193,23 @@ class LuminaMGPTProcessor(ProcessorMixin):
             if tid is None or tid == tokenizer.unk_token_id and name != tokenizer.unk_token:
                 raise ValueError(f"the tokenizer has no token {name!r} ({attr}); it is not a Chameleon vocabulary.")
             self._ids[attr] = int(tid)
+        self.image_token_id = self._ids["image_placeholder_token"]
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 1
+        self._span_text: dict[tuple[int, int], str] = {}
+        self._check_layout_tokens()
+
+    def _check_layout_tokens(self) -> None:
+        """The template and the placeholder spans are text; each of their tokens must read back as its own id."""
+        layout = self.unirep
+        ids = [self.bos_token_id, self.separator_token_id, *layout.placeholder_span(32, 32)]
+        ids += [self.size_token_base_id + n for n in range(1, self.max_size_units + 1)]
+        text = "".join(self.tokenizer.convert_ids_to_tokens(ids))
+        if self._tokenize_text(text) != ids:
+            raise ValueError(
+                "the tokenizer does not read the conversation and image layout tokens (<s>, the separator, image "
+                "start/end, row end, size and placeholder tokens) back as single tokens: they must be added tokens "
+                "of a Chameleon vocabulary."
+            )
 
     # ------------------------------------------------------------------ ids
     @property
@@ -192,27 +281,19 @@ class LuminaMGPTProcessor(ProcessorMixin):
         """The UniRep span of a `width x height` image with `<image>` at every code position."""
         return self.unirep.placeholder_span(height, width)
 
-    def encode_images(self, images, vq_model, random_crop: bool | None = None, seed: int | None = None) -> list[list[int]]:
-        """Offline tokenization: preprocess `images`, VQ-encode them with `vq_model` (a
-        `LuminaMGPTForConditionalGeneration`) in one batch per bucket, return one UniRep id list per image."""
-        feats = self.image_processor(images, random_crop=random_crop, seed=seed)
-        return self._encode_pixel_values(feats["pixel_values"], vq_model)
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The text that replaces the `image_idx`-th `<|image|>` marker: the image's UniRep span (at the size of its
+        bucket, `image_inputs["image_sizes"]`) with `<image>` placeholders at the code positions."""
+        height, width = (int(v) for v in image_inputs["image_sizes"][image_idx])
+        text = self._span_text.get((height, width))
+        if text is None:
+            text = "".join(self.tokenizer.convert_ids_to_tokens(self.placeholder_ids(height, width)))
+            self._span_text[(height, width)] = text
+        return text
 
     @staticmethod
     def _pixel_list(pixel_values) -> list[torch.Tensor]:
         return list(pixel_values) if isinstance(pixel_values, (list, tuple)) else list(pixel_values.unbind(0))
-
-    def _encode_pixel_values(self, pixel_values, vq_model) -> list[list[int]]:
-        pixels = self._pixel_list(pixel_values)
-        out: list[list[int] | None] = [None] * len(pixels)
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, p in enumerate(pixels):
-            by_size.setdefault(tuple(p.shape[-2:]), []).append(i)
-        for idx in by_size.values():
-            ids = vq_model.encode_images(torch.stack([pixels[i] for i in idx]))
-            for j, i in enumerate(idx):
-                out[i] = self.unirep_ids(ids[j].cpu())
-        return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ conversations
     @staticmethod
@@ -295,68 +376,110 @@ class LuminaMGPTProcessor(ProcessorMixin):
             )
         return turns
 
-    def render_conversation(self, turns: list[tuple[str, str]]) -> str:
+    @property
+    def default_chat_template(self) -> str:
+        """The built-in conversation template, with this processor's BOS and separator tokens."""
+        return build_chat_template(self.bos_token, self.separator_token)
+
+    def _template(self, chat_template: str | None = None) -> str:
+        return chat_template or self.chat_template or self.default_chat_template
+
+    def _render(self, turns: list[tuple[str, str]], chat_template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation (markers left in place) and the character spans of its trained turns."""
+        messages = [{"role": role, "content": text} for role, text in turns]
+        rendered, spans = _render_function(self._template(chat_template))(conversations=[messages])
+        return rendered[0], [tuple(s) for s in spans[0]]
+
+    def render_conversation(self, turns: list[tuple[str, str]], chat_template: str | None = None) -> str:
         """The conversation as text: `<s>turn_1<sep>turn_2<sep>...` with image markers left in place."""
-        return self.bos_token + "".join(text + self.separator_token for _, text in turns)
+        return self._render(turns, chat_template)[0]
 
     def _tokenize_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def tokenize_conversation(
-        self, turns: list[tuple[str, str]], image_spans: list[list[int]], where: str = "item 0"
+    def _ids_and_labels(
+        self, turns: list[tuple[str, str]], image_spans: Sequence[str | Sequence[int]], where: str, chat_template=None
     ) -> tuple[list[int], list[int]]:
-        """Turns with markers + one id span per image -> `(input_ids, labels)`; labels are -100 on BOS,
-        user turns (their images included) and their separators; assistant turns are trained in full."""
-        ids, labels = [self.bos_token_id], [-100]
+        """Render `turns`, put each image span (placeholder text from `replace_image_token`, or a list of ids) at its
+        marker, and tokenize. The rendered text is cut where the template's `{% generation %}` blocks start and end,
+        and the pieces are tokenized one by one; the ids of the pieces inside a block are the labels, -100 elsewhere.
+        Every cut sits next to a separator or BOS token, which the tokenizer never merges with its neighbours, so the
+        ids are those of the whole text, while the labels follow the blocks exactly (an offset mapping of one
+        tokenization of the whole text would lose zero-width and trimmed tokens at the block edges)."""
+        text, spans = self._render(turns, chat_template)
+        cuts = sorted({0, len(text), *(c for span in spans for c in span)})
+        ids: list[int] = []
+        labels: list[int] = []
         next_image = 0
-        for role, text in turns:
-            pieces = text.split(IMAGE_MARKER)
-            turn: list[int] = []
-            for k, piece in enumerate(pieces):
-                if k > 0:
-                    turn.extend(image_spans[next_image])
+        for a, b in zip(cuts, cuts[1:]):
+            trained = any(s <= a and b <= e for s, e in spans)
+            piece_ids: list[int] = []
+            pending = ""
+            for k, piece in enumerate(text[a:b].split(IMAGE_MARKER)):
+                if k:
+                    if next_image >= len(image_spans):
+                        raise ValueError(f"{where}: {len(image_spans)} images but more {IMAGE_MARKER} markers.")
+                    span = image_spans[next_image]
                     next_image += 1
-                turn.extend(self._tokenize_text(piece))
-            turn.append(self.separator_token_id)
-            ids.extend(turn)
-            labels.extend(turn if role == "assistant" else [-100] * len(turn))
+                    if isinstance(span, str):
+                        pending += span
+                    else:
+                        piece_ids += self._tokenize_text(pending) + [int(t) for t in span]
+                        pending = ""
+                pending += piece
+            piece_ids += self._tokenize_text(pending)
+            ids += piece_ids
+            labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
         if next_image != len(image_spans):
             raise ValueError(f"{where}: {len(image_spans)} images but {next_image} markers.")
         return ids, labels
 
+    def tokenize_conversation(
+        self, turns: list[tuple[str, str]], image_spans: list[list[int]], where: str = "item 0"
+    ) -> tuple[list[int], list[int]]:
+        """Turns with markers + one id span per image (e.g. VQ-encoded UniRep spans) -> `(input_ids, labels)`;
+        labels are -100 on BOS, user turns (their images included) and their separators; assistant turns are trained
+        in full."""
+        return self._ids_and_labels(turns, [list(s) for s in image_spans], where)
+
     # ------------------------------------------------------------------ main entry points
-    def __call__(
-        self,
-        text: str | list | None = None,
-        images: Any = None,
-        *,
-        conversations: list | None = None,
-        vq_model=None,
-        return_labels: bool = False,
-        padding_side: str | None = None,
-        max_length: int | None = None,
-        random_crop: bool | None = None,
-        seed: int | None = None,
-        return_tensors: str | None = "pt",
-        **kwargs,
-    ) -> BatchFeature:
+    def _check_kwargs(self, kwargs: dict) -> None:
+        known = {*SUPPORTED_KWARGS[""], *SUPPORTED_KWARGS["text_kwargs"], *SUPPORTED_KWARGS["images_kwargs"]}
+        bad = [k for k in kwargs if k not in known and k not in ("text_kwargs", "images_kwargs")]
+        for group in ("text_kwargs", "images_kwargs"):
+            bad += [f"{group}[{k!r}]" for k in kwargs.get(group) or {} if k not in SUPPORTED_KWARGS[group]]
+        if bad:
+            raise TypeError(
+                f"LuminaMGPTProcessor got unexpected keyword argument(s) {', '.join(repr(k) if '[' not in k else k for k in bad)}; "
+                "it takes text, images, conversations, return_labels, padding_side, max_length, random_crop, seed and "
+                "return_tensors (the VQ codes of images come from the model: pass pixel_values to it, or "
+                "fill_image_placeholders)."
+            )
+
+    def __call__(self, text: str | list | None = None, images: Any = None, *, conversations: list | None = None, **kwargs) -> BatchFeature:
         """Tokenize one item or a batch.
 
         - `text`: a string (one user turn: a generation prompt), or a list of strings / conversations.
-        - `images`: for one item a list of images; for a batch a list (one list of images per item).
+        - `images`: for one item a list of images; for a batch a list (one list of images per item), or a flat list
+          shared out by the items' markers.
         - `conversations`: alternative to `text` (chat messages or original training JSON items).
-        - `vq_model`: encode images here (final ids, no `pixel_values`); else placeholders + `pixel_values`.
-        - `return_labels`: training mode (labels, right padding); else left padding for generation.
+        - keywords (`LuminaMGPTProcessorKwargs`): `return_labels` (training mode: labels, right padding; else left
+          padding for generation), `padding_side`, `max_length`, `return_tensors`, `random_crop`, `seed`.
 
-        Returns `input_ids`, `attention_mask` (`(batch, seq)`), `labels` in training mode, and `pixel_values`
-        (list of `(3, H, W)`, in reading order over the batch) when images are left for the model to encode.
+        Returns `input_ids`, `attention_mask` (`(batch, seq)`), `labels` in training mode, and `pixel_values` (list
+        of `(3, H, W)`, in reading order over the batch) for the model to encode into the placeholder positions.
         """
-        if kwargs:
-            raise TypeError(
-                f"LuminaMGPTProcessor got unexpected keyword argument(s) {', '.join(repr(k) for k in kwargs)}; it "
-                "takes text, images, conversations, vq_model, return_labels, padding_side, max_length, random_crop, "
-                "seed and return_tensors."
-            )
+        return self._process(text, images, conversations, kwargs)
+
+    def _process(self, text, images, conversations, kwargs, chat_template: str | None = None) -> BatchFeature:
+        self._check_kwargs(kwargs)
+        merged = self._merge_kwargs(LuminaMGPTProcessorKwargs, **kwargs)
+        text_kwargs, image_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_labels = bool(merged.get("return_labels", False))
+        max_length = text_kwargs.get("max_length")
+        return_tensors = text_kwargs.get("return_tensors", "pt")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None.")
         items = conversations if conversations is not None else text
         if items is None:
             raise ValueError("give `text` or `conversations`.")
@@ -376,21 +499,16 @@ class LuminaMGPTProcessor(ProcessorMixin):
             where = f"item {i}"
             turns, item_images = self.normalize_conversation(item, imgs)
             turns = self._place_images(turns, len(item_images), where)
+            spans: list[str] = []
             if item_images:
                 try:
-                    feats = self.image_processor(item_images, random_crop=random_crop, seed=seed)
+                    feats = self.image_processor(item_images, **image_kwargs)
                 except ValueError as err:
                     raise ValueError(f"{where}: {err}") from err
-                pixels = self._pixel_list(feats["pixel_values"])
-                if vq_model is not None:
-                    spans = self._encode_pixel_values(pixels, vq_model)
-                else:
-                    spans = [self.placeholder_ids(p.shape[-2], p.shape[-1]) for p in pixels]
-                    all_pixels.extend(pixels)
-            else:
-                spans = []
-            ids, labels = self.tokenize_conversation(turns, spans, where)
-            if return_labels and all(lab == -100 for lab in labels):
+                spans = [self.replace_image_token(feats, k) for k in range(len(item_images))]
+                all_pixels.extend(self._pixel_list(feats["pixel_values"]))
+            ids, labels = self._ids_and_labels(turns, spans, where, chat_template)
+            if return_labels and all(lab == IGNORE_INDEX for lab in labels):
                 raise ValueError(f"{where} has no trainable token: it needs at least one assistant turn.")
             if max_length is not None and len(ids) > max_length:
                 raise ValueError(
@@ -399,12 +517,10 @@ class LuminaMGPTProcessor(ProcessorMixin):
             all_ids.append(ids)
             all_labels.append(labels)
 
-        side = padding_side or ("right" if return_labels else "left")
+        side = text_kwargs.get("padding_side") or ("right" if return_labels else "left")
         data: dict[str, Any] = self.pad(all_ids, all_labels if return_labels else None, side)
         if all_pixels:
             data["pixel_values"] = all_pixels
-        if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None.")
         if return_tensors is None:
             data = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
         return BatchFeature(data)
@@ -437,22 +553,7 @@ class LuminaMGPTProcessor(ProcessorMixin):
 
     def pad(self, ids: list[list[int]], labels: list[list[int]] | None = None, side: str = "left") -> dict:
         """Pad id lists to one length with the pad id (labels with -100); `side` 'left' or 'right'."""
-        if side not in ("left", "right"):
-            raise ValueError(f"padding side must be 'left' or 'right', got {side!r}.")
-        n = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), n), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), n), dtype=torch.long)
-        lab = torch.full((len(ids), n), -100, dtype=torch.long) if labels is not None else None
-        for i, seq in enumerate(ids):
-            sl = slice(n - len(seq), n) if side == "left" else slice(0, len(seq))
-            input_ids[i, sl] = torch.tensor(seq, dtype=torch.long)
-            mask[i, sl] = 1
-            if lab is not None:
-                lab[i, sl] = torch.tensor(labels[i], dtype=torch.long)
-        out = {"input_ids": input_ids, "attention_mask": mask}
-        if lab is not None:
-            out["labels"] = lab
-        return out
+        return pad_batch(ids, self.pad_token_id, side=side, labels=labels)
 
     def apply_chat_template(
         self,
@@ -467,7 +568,8 @@ class LuminaMGPTProcessor(ProcessorMixin):
         """Chat messages -> the Lumina-mGPT conversation format (no role words, `<reserved08706>` after each
         turn). `tokenize=False` returns the text (`<s>...` with `<|image|>` markers); otherwise the tokenized
         `BatchFeature` as `__call__` gives it. `add_generation_prompt` has nothing to add: a prompt ends after
-        the last user turn's separator. Accepts one conversation or a list of them."""
+        the last user turn's separator. Accepts one conversation or a list of them; `chat_template` replaces the
+        processor's template for this call."""
         batched = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
         convs = list(conversation) if batched else [conversation]
         if not tokenize:
@@ -479,9 +581,9 @@ class LuminaMGPTProcessor(ProcessorMixin):
                 turns, imgs = self.normalize_conversation(conv, extra)
                 if imgs:  # markers without images are fine when only the text is asked for
                     turns = self._place_images(turns, len(imgs), f"item {i}")
-                texts.append(self.render_conversation(turns))
+                texts.append(self.render_conversation(turns, chat_template))
             return texts if batched else texts[0]
-        out = self(conversations=convs, images=images if images is None or batched else [images], **kwargs)
+        out = self._process(None, images if images is None or batched else [images], convs, kwargs, chat_template)
         return out if return_dict else out["input_ids"]
 
     # ------------------------------------------------------------------ decoding
@@ -578,9 +680,11 @@ class LuminaMGPTProcessor(ProcessorMixin):
 
 __all__ = [
     "LuminaMGPTProcessor",
+    "LuminaMGPTProcessorKwargs",
     "DecodedItem",
     "MalformedImageSpanError",
     "IMAGE_MARKER",
     "OMNI_TASK_PROMPTS",
+    "build_chat_template",
     "text_to_image_prompt",
 ]
