@@ -371,9 +371,9 @@ def build_trainer(recipe: Recipe, model=None, processor=None, train_dataset=None
         raise ValueError("a processor is needed with a model passed in.")
     if recipe.data.target_size is not None:
         # the stage's output generates at the size it was trained at (FP-SFT 512 -> 768 -> 1024)
-        from .data import _with_target_size
+        from .items import with_target_size
 
-        processor = _with_target_size(processor, recipe.data.target_size)
+        processor = with_target_size(processor, recipe.data.target_size)
     model.model.vqmodel.requires_grad_(False)
     if train_dataset is None:
         train_dataset, eval_dataset = build_datasets(recipe.data, training, model, processor)
