@@ -473,7 +473,12 @@ class LuminaMGPTProcessor(ProcessorMixin):
 
     def _process(self, text, images, conversations, kwargs, chat_template: str | None = None) -> BatchFeature:
         self._check_kwargs(kwargs)
-        merged = self._merge_kwargs(LuminaMGPTProcessorKwargs, **kwargs)
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            merged = self._merge_kwargs(LuminaMGPTProcessorKwargs, **kwargs)
+        except StrictDataclassError as err:  # the typed-dict check of a keyword's value
+            raise TypeError(f"LuminaMGPTProcessor: {err}") from err
         text_kwargs, image_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_labels = bool(merged.get("return_labels", False))
         max_length = text_kwargs.get("max_length")

@@ -25,6 +25,7 @@ import torch
 
 from .arguments import TINY_RANDOM, DataArguments, LoraArguments, LuminaTrainingArguments, ModelArguments, Recipe
 from .collator import LuminaMGPTDataCollator
+from .identity import check_dataset_identity
 from .trainer import LuminaSFTTrainer, SignatureCallback, check_resume_checkpoint, model_signature
 
 logger = logging.getLogger(__name__)
@@ -252,6 +253,8 @@ def build_datasets(data_args: DataArguments, training_args: LuminaTrainingArgume
         where = f"dataset_mixture[{i}]" + (f" ({entry['name']})" if entry.get("name") else "")
         ds = _load_one(entry, model, processor, where)
         check_dataset_columns(ds, f"{where} {entry['path']}")
+        if model is not None and processor is not None:
+            check_dataset_identity(ds, model, processor, f"{where} {entry['path']}", data_args.allow_mismatch)
         keep = [c for c in ("input_ids", "labels", "length") if c in ds.column_names]
         ds = _add_length(ds.select_columns(keep))
         if len(ds) == 0:

@@ -511,13 +511,13 @@ def tokenize_dataset(
         from datasets import load_from_disk
 
         dataset, report = load_from_disk(output), read_json(os.path.join(output, REPORT_FILE))
-    if report["num_skipped"]:
+    if report["num_skipped"] and procs.is_main:
         logger.warning(
             "skipped %d of %d items (%s); see %s for each item.", report["num_skipped"], report["num_source_items"],
             ", ".join(f"{r}: {c}" for r, c in report["skipped"].items()), os.path.join(output, REPORT_FILE),
         )
     logger.info(
-        "tokenized %d items into %s (%d written, %d tokens) in %.1f s (%s items/s).", report["num_source_items"],
+        "rank %d: tokenized %d items into %s (%d written, %d tokens) in %.1f s (%s items/s).", procs.rank, report["num_source_items"],
         output, report["num_written"], report["num_tokens"], time.perf_counter() - t0, report["items_per_second"],
     )
     if push_to_hub and procs.is_main:
