@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -175,7 +176,8 @@ def to_pil(image: Any, index: int = 0, max_pixels: int | None = MAX_IMAGE_PIXELS
             "PIL.Image.MAX_IMAGE_PIXELS and max_image_pixels on the image processor."
         ) from err
     except (OSError, PIL.UnidentifiedImageError, ValueError) as err:
-        raise ValueError(f"{where} could not be read as an image ({err}); check that the file is a valid image.") from err
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(err))  # no run-specific address
+        raise ValueError(f"{where} could not be read as an image ({detail}); check that the file is a valid image.") from err
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.is_floating_point():

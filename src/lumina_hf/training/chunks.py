@@ -123,8 +123,9 @@ class ChunkStore:
             part = load_from_disk(self.path(name))
             shift = offsets.get(name, 0)
             if shift and "source_index" in part.column_names:
-                part = part.map(lambda b: {"source_index": [i + shift for i in b["source_index"]]}, batched=True,
-                                keep_in_memory=True, features=features)
+                with quiet_datasets():
+                        part = part.map(lambda b: {"source_index": [i + shift for i in b["source_index"]]}, batched=True,
+                                    keep_in_memory=True, features=features)
             parts.append(part)
         with quiet_datasets():
             ds = concatenate_datasets(parts) if parts else Dataset.from_dict({c: [] for c in features}, features=features)
