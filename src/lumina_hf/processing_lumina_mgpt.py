@@ -10,7 +10,6 @@ image's `pixel_values` are returned beside the ids: the model fills in the VQ co
 `lumina_hf.training`.
 """
 
-
 import dataclasses
 import functools
 import logging
@@ -22,70 +21,21 @@ from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs
 
+from .conversation import (
+    IMAGE_MARKER,
+    OMNI_TASK_PROMPTS,
+    build_chat_template,
+    images_per_item,
+    normalize_conversation,
+    place_images,
+    render_function,
+    text_to_image_prompt,
+)
 from .image_processing_lumina_mgpt import LuminaMGPTImageProcessor
 from .padding import IGNORE_INDEX, pad_batch
 from .unirep import MalformedImageSpanError, UniRepLayout, parse_image_code_token_name
 
 logger = logging.getLogger(__name__)
-
-IMAGE_MARKER = "<|image|>"
-T2I_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{caption}"
-T2I_TEMPLATE_NO_SIZE = "Generate an image according to the following prompt:\n{caption}"
-
-# Omni-SFT instructions, written as the published models were trained (including "Segmentic").
-OMNI_TASK_PROMPTS = {
-    "depth": "Depth estimation.",
-    "segmentation": "Segmentic segmentation.",
-    "normal": "Surface normal estimation.",
-    "pose": "Human pose estimation.",
-    "detection": "Detect: {object}",
-    "condition": "Generate an image according to the provided image, and according to the following caption:\n{caption}",
-    "describe": "Describe the image in detail.",
-}
-
-USER_ROLES = ("user", "human")
-ASSISTANT_ROLES = ("assistant", "gpt")
-
-# The conversation format. No role words: every turn is its text and the separator; assistant turns (text, images and
-# separator) are inside `{% generation %}`, which is what training labels. Content is a string or a list of
-# {"type": "text"|"image"} parts (an image part becomes the marker). @BOS@, @SEP@ and @IMAGE@ are filled in with the
-# processor's token strings when the template is built.
-CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{ raise_exception('Lumina-mGPT has no system turn: merge the system text into the first user turn.') }}"
-    "{%- endif -%}"
-    "@BOS@"
-    "{%- for message in messages -%}"
-    "{%- set ns = namespace(text='') -%}"
-    "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
-    "{%- elif message['content'] is not none -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{%- set ns.text = ns.text ~ part['text'] -%}"
-    "{%- elif part['type'] == 'image' -%}{%- set ns.text = ns.text ~ '@IMAGE@' -%}"
-    "{%- else -%}{{ raise_exception('unsupported content part type ' ~ part['type'] ~ \": use 'text' or 'image'.\") }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] in ['assistant', 'gpt'] -%}{%- generation -%}{{ ns.text }}@SEP@{%- endgeneration -%}"
-    "{%- elif message['role'] in ['user', 'human'] -%}{{ ns.text }}@SEP@"
-    "{%- else -%}{{ raise_exception('turn role ' ~ message['role'] ~ \" is not 'user'/'human' or 'assistant'/'gpt'.\") }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-
-def build_chat_template(bos_token: str = "<s>", separator_token: str = "<reserved08706>") -> str:
-    """The conversation format's Jinja template for the given BOS and separator token strings."""
-    return CHAT_TEMPLATE.replace("@BOS@", bos_token).replace("@SEP@", separator_token).replace("@IMAGE@", IMAGE_MARKER)
-
-
-@functools.lru_cache(maxsize=8)
-def _render_function(chat_template: str):
-    # The generation spans (character offsets of each `{% generation %}` block) come from transformers' own
-    # renderer: it is what `ProcessorMixin.apply_chat_template(return_assistant_tokens_mask=True)` uses, but that
-    # method only returns the spans mapped onto one tokenization of the whole string, and we tokenize the rendered
-    # text piece by piece (see `LuminaMGPTProcessor._ids_and_labels`).
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    return functools.partial(render_jinja_template, chat_template=chat_template, return_assistant_tokens_mask=True)
-
 
 class LuminaMGPTImagesKwargs(ImagesKwargs, total=False):
     """random_crop (`bool`): crop at a seeded random offset instead of the centre (training augmentation).
@@ -123,16 +73,6 @@ class DecodedItem:
     text: str
     images: list[Any]
     errors: list[str]
-
-
-def text_to_image_prompt(caption: str, width: int | None = None, height: int | None = None) -> str:
-    """`Generate an image of {W}x{H} according to the following prompt:\\n{caption}` (width first);
-    without a size, the size-free variant used in part of the training data."""
-    if width is None and height is None:
-        return T2I_TEMPLATE_NO_SIZE.format(caption=caption)
-    if width is None or height is None:
-        raise ValueError("give both width and height, or neither.")
-    return T2I_TEMPLATE.format(width=int(width), height=int(height), caption=caption)
 
 
 class LuminaMGPTProcessor(ProcessorMixin):
@@ -296,85 +236,13 @@ class LuminaMGPTProcessor(ProcessorMixin):
         return list(pixel_values) if isinstance(pixel_values, (list, tuple)) else list(pixel_values.unbind(0))
 
     # ------------------------------------------------------------------ conversations
-    @staticmethod
-    def _content_text(content: Any, images: list) -> str:
-        """Chat-format content (a string or a list of {"type": "text"|"image"} parts) -> text with markers;
-        image parts that carry an image (`image`, `url`, `path`) are appended to `images`."""
-        if content is None:
-            return ""
-        if isinstance(content, str):
-            return content
-        parts = []
-        for part in content:
-            kind = part.get("type")
-            if kind == "text":
-                parts.append(part.get("text", ""))
-            elif kind == "image":
-                parts.append(IMAGE_MARKER)
-                for key in ("image", "url", "path"):
-                    if part.get(key) is not None:
-                        images.append(part[key])
-                        break
-            else:
-                raise ValueError(f"unsupported content part type {kind!r}: use 'text' or 'image'.")
-        return "".join(parts)
-
     def normalize_conversation(self, item: Any, images: Sequence | None = None) -> tuple[list[tuple[str, str]], list]:
-        """Any accepted input -> `([(role, text_with_markers), ...], images)`, roles 'user'/'assistant'.
-
-        Accepted: a string (one user turn); chat messages `[{"role", "content"}]`; the original training
-        JSON `{"conversations": [{"from": "human"|"gpt", "value"}], "image": [paths]}`."""
-        images = list(images) if images is not None else []
-        if isinstance(item, str):
-            return [("user", item)], images
-        if isinstance(item, dict) and "conversations" in item:
-            raw = item.get("image", item.get("images")) or []
-            images = images + (list(raw) if isinstance(raw, (list, tuple)) else [raw])
-            turns = [(t.get("from"), t.get("value")) for t in item["conversations"]]
-        elif isinstance(item, dict) and "messages" in item:  # TRL style: {"messages": [...], "images": [...]}
-            raw = item.get("images", item.get("image")) or []
-            return self.normalize_conversation(item["messages"], images + (list(raw) if isinstance(raw, (list, tuple)) else [raw]))
-        elif isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item):
-            inline: list = []
-            turns = [(m.get("role"), self._content_text(m.get("content"), inline)) for m in item]
-            images = inline + images
-        else:
-            raise ValueError(
-                "a conversation must be a string, a list of {'role', 'content'} messages, or "
-                f"{{'conversations': [...], 'image': [...]}}; got {type(item).__name__}."
-            )
-        out = []
-        for i, (role, text) in enumerate(turns):
-            if role == "system":
-                raise ValueError("Lumina-mGPT has no system turn: merge the system text into the first user turn.")
-            if role in USER_ROLES:
-                role = "user"
-            elif role in ASSISTANT_ROLES:
-                role = "assistant"
-            else:
-                raise ValueError(f"turn {i} has role {role!r}; use 'user'/'human' or 'assistant'/'gpt'.")
-            if not isinstance(text, str):
-                raise ValueError(f"turn {i} has no text (got {type(text).__name__}).")
-            out.append((role, text))
-        if not out:
-            raise ValueError("the conversation has no turns.")
-        return out, images
+        """Any accepted input -> `([(role, text_with_markers), ...], images)`, roles 'user'/'assistant'
+        (see `lumina_hf.conversation.normalize_conversation`)."""
+        return normalize_conversation(item, images)
 
     def _place_images(self, turns: list[tuple[str, str]], n_images: int, where: str) -> list[tuple[str, str]]:
-        n_markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
-        if n_markers == 0 and n_images:
-            first_user = next((i for i, (r, _) in enumerate(turns) if r == "user"), None)
-            if first_user is None:
-                raise ValueError(f"{where}: images given but there is no user turn to attach them to.")
-            turns = list(turns)
-            role, text = turns[first_user]
-            turns[first_user] = (role, (IMAGE_MARKER + " ") * n_images + text)
-        elif n_markers != n_images:
-            raise ValueError(
-                f"{where}: the text has {n_markers} {IMAGE_MARKER} marker(s) but {n_images} image(s) were given; "
-                "give one image per marker (or no markers, to put all images at the start of the first user turn)."
-            )
-        return turns
+        return place_images(turns, n_images, where)
 
     @property
     def default_chat_template(self) -> str:
@@ -387,7 +255,7 @@ class LuminaMGPTProcessor(ProcessorMixin):
     def _render(self, turns: list[tuple[str, str]], chat_template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation (markers left in place) and the character spans of its trained turns."""
         messages = [{"role": role, "content": text} for role, text in turns]
-        rendered, spans = _render_function(self._template(chat_template))(conversations=[messages])
+        rendered, spans = render_function(self._template(chat_template))(conversations=[messages])
         return rendered[0], [tuple(s) for s in spans[0]]
 
     def render_conversation(self, turns: list[tuple[str, str]], chat_template: str | None = None) -> str:
@@ -497,7 +365,7 @@ class LuminaMGPTProcessor(ProcessorMixin):
         elif single:
             per_item_images = [images if isinstance(images, (list, tuple)) else [images]]
         else:
-            per_item_images = self._images_per_item(batch, images)
+            per_item_images = images_per_item(batch, images)
 
         all_ids, all_labels, all_pixels = [], [], []
         for i, (item, imgs) in enumerate(zip(batch, per_item_images)):
@@ -529,32 +397,6 @@ class LuminaMGPTProcessor(ProcessorMixin):
         if return_tensors is None:
             data = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
         return BatchFeature(data)
-
-    @staticmethod
-    def _images_per_item(batch: list, images) -> list:
-        """A batch's images as one list per item: given nested (one list per item), or flat, in which case
-        each item takes as many images as its text has markers (or one each, when there are as many images as
-        items and the markers do not say otherwise)."""
-        images = list(images)
-        if any(isinstance(im, (list, tuple)) or im is None for im in images):
-            if len(images) != len(batch):
-                raise ValueError(f"{len(batch)} items but {len(images)} image lists: give one list per item.")
-            return [im if isinstance(im, (list, tuple)) or im is None else [im] for im in images]
-        counts = [item.count(IMAGE_MARKER) if isinstance(item, str) else None for item in batch]
-        if None not in counts and any(counts):
-            if sum(counts) != len(images):
-                raise ValueError(
-                    f"{len(images)} images for {len(batch)} texts that hold {sum(counts)} {IMAGE_MARKER} marker(s): "
-                    "give one image per marker, or one list of images per item."
-                )
-            out, at = [], 0
-            for n in counts:
-                out.append(images[at : at + n])
-                at += n
-            return out
-        if len(images) != len(batch):
-            raise ValueError(f"{len(images)} images for {len(batch)} items: give one image per item, or one list per item.")
-        return [[im] for im in images]
 
     def pad(self, ids: list[list[int]], labels: list[list[int]] | None = None, side: str = "left") -> dict:
         """Pad id lists to one length with the pad id (labels with -100); `side` 'left' or 'right'."""
@@ -597,7 +439,7 @@ class LuminaMGPTProcessor(ProcessorMixin):
         parts: list[tuple[str, Any]] = []
         text: list[int] = []
         i, n = 0, len(ids)
-        start, end, row_end = self.image_start_token_id, self.image_end_token_id, self.row_end_token_id
+        start, end = self.image_start_token_id, self.image_end_token_id
         while i < n:
             if ids[i] != start:
                 text.append(ids[i])

@@ -1,7 +1,8 @@
 """One source row -> one training item (`input_ids`, `labels`), in the steps that offline tokenization spreads out:
 `prepare` (structure and the item's seeded choices), `decode` (the image files to uint8 pixels at their bucket, run in
 worker processes), `layout` (the processor's ids and labels, image codes still placeholders) and `finish` (the VQ codes
-written over the placeholders).
+written over the placeholders); `ChunkTokenizer` runs them over one chunk of rows, encoding a batch of same-size
+images as soon as it is full.
 
 Text-to-image rows become `[user: text_to_image_prompt(caption, W, H), assistant: <|image|>]` with the image's bucket
 `W x H`; a seeded share (`no_size_ratio`) uses the size-free prompt, and a seeded share (`uncond_ratio`) of the items
@@ -18,15 +19,19 @@ import dataclasses
 import os
 import random
 import time
-from typing import Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 import torch
 
-from ..image_processing_lumina_mgpt import check_target_size
-from ..processing_lumina_mgpt import IMAGE_MARKER, text_to_image_prompt
+from ..image_processing_lumina_mgpt import check_target_size, uint8_to_pixel_values
+from ..conversation import IMAGE_MARKER, text_to_image_prompt
 from .sources import CAPTION, Row
 from .vq import fill_placeholders
+
+if TYPE_CHECKING:
+    from .chunks import ChunkStore
 
 # Reasons an item is skipped (the keys of the report's `skipped`).
 SKIP_IMAGE_ERROR = "image_error"  # unreadable / corrupt / too small / too large image, missing file
@@ -246,8 +251,106 @@ def stack_pinned(pixels: list[torch.Tensor], pin: bool) -> torch.Tensor:
     return out
 
 
+class ChunkTokenizer:
+    """One process's chunks: rows -> decoded images (worker processes) -> layout -> batched VQ encoding -> columns,
+    then the chunk written; counts the time spent decoding, waiting and encoding."""
+
+    def __init__(self, builder: ItemBuilder, vq_model, store: ChunkStore, features, *, device, batch_size, num_workers,
+                 fail_after: int | None, bar):
+        self.builder, self.vq_model, self.store, self.features = builder, vq_model, store, features
+        self.device, self.batch_size, self.num_workers = device, batch_size, num_workers
+        self.pin = device.type == "cuda"
+        self.fail_after, self.bar = fail_after, bar
+        self.written = 0
+        self.timing = Counter()
+
+    def _encode(self, items, keys, grids) -> None:
+        t0 = time.perf_counter()
+        batch = stack_pinned([items[i].pixels[k] for i, k in keys], self.pin)
+        pixels = uint8_to_pixel_values(batch.to(self.device, non_blocking=self.pin))
+        with torch.inference_mode():
+            ids = self.vq_model.encode_images(pixels).cpu()
+        for j, key in enumerate(keys):
+            grids[key] = ids[j]
+        self.timing["encode_seconds"] += time.perf_counter() - t0
+        self.timing["encoder_calls"] += 1
+        self.timing["images_encoded"] += len(keys)
+
+    def _decoded(self, items):
+        if self.num_workers == 0 or len(items) < 2:
+            return (self.builder.decode(it) for it in items)
+        loader = torch.utils.data.DataLoader(
+            DecodeJobs(self.builder, items), batch_size=None, shuffle=False, num_workers=min(self.num_workers, len(items)),
+            collate_fn=keep_as_is,
+        )
+        return iter(loader)
+
+    def chunk(self, rows) -> tuple[dict, dict]:
+        """Tokenize one chunk's rows: `(columns, report)`."""
+        t_chunk = time.perf_counter()
+        skipped, items = [], []
+        for row in rows:
+            try:
+                items.append(self.builder.prepare(row))
+            except Skip as s:
+                skipped.append(s.record(row.index))
+        pending: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        grids: dict[tuple[int, int], torch.Tensor] = {}
+        ok = []
+        decoded = self._decoded(items)
+        for i, item in enumerate(items):
+            t0 = time.perf_counter()
+            result, seconds = next(decoded)
+            self.timing["wait_seconds"] += time.perf_counter() - t0
+            self.timing["decode_seconds"] += seconds
+            if isinstance(result, tuple):
+                skipped.append({"index": item.index, "reason": result[0], "message": result[1]})
+                continue
+            item.pixels = result
+            try:
+                self.builder.layout(item)
+            except Skip as s:
+                skipped.append(s.record(item.index))
+                item.pixels = []
+                continue
+            ok.append(i)
+            for k, px in enumerate(item.pixels):  # a batch is encoded as soon as it is full
+                group = pending.setdefault(tuple(px.shape), [])
+                group.append((i, k))
+                if len(group) == self.batch_size:
+                    self._encode(items, pending.pop(tuple(px.shape)), grids)
+        for shape in list(pending):
+            self._encode(items, pending.pop(shape), grids)
+        columns: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "source_index": []}
+        stats: Counter = Counter()
+        for i in ok:
+            item = items[i]
+            ids, labels = self.builder.finish(item, [grids.pop((i, k)) for k in range(len(item.pixels))])
+            item.pixels = []
+            columns["input_ids"].append(ids)
+            columns["labels"].append(labels)
+            columns["length"].append(len(ids))
+            columns["source_index"].append(item.index)
+            stats["unconditional"] += item.uncond
+            stats["no_size"] += item.no_size
+            stats["tokens"] += len(ids)
+        skipped.sort(key=lambda d: d["index"])
+        self.timing["items"] += len(rows)
+        self.timing["chunk_seconds"] += time.perf_counter() - t_chunk
+        return columns, {"skipped": skipped, "stats": dict(stats), "rows_read": len(rows)}
+
+    def save(self, name: str, columns: dict, report: dict) -> None:
+        self.store.write(name, columns, report, self.features)
+        self.written += 1
+        if self.bar is not None:
+            self.bar.update(report["rows_read"])
+        if self.fail_after is not None and self.written >= self.fail_after:
+            raise RuntimeError(f"fault injection: injected failure after {self.written} chunk(s).")
+
+
 __all__ = [
     "SKIP_REASONS",
+    "ChunkTokenizer",
     "DecodeJobs",
     "Item",
     "ItemBuilder",

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from ..image_processing_lumina_mgpt import uint8_to_pixel_values
 from . import identity as ident
 from .chunks import (
     CONFIG_FILE,
@@ -44,7 +43,7 @@ from .chunks import (
     remove_dataset_files,
     write_json,
 )
-from .items import SKIP_REASONS, DecodeJobs, ItemBuilder, Skip, keep_as_is, minimum_max_length, stack_pinned, with_target_size
+from .items import SKIP_REASONS, ChunkTokenizer, ItemBuilder, minimum_max_length, with_target_size
 from .sources import CAPTION, open_source
 
 logger = logging.getLogger(__name__)
@@ -176,7 +175,7 @@ def _check_output(output: str, store: ChunkStore, config: dict, stats: dict | No
     raise ValueError(
         f"{output} holds {what} made with other settings or data (differs in: {ident.explain_differences(differs)}"
         + (f"; source files: {files}" if files else "")
-        + f"); rerun with the same model, processor, settings and data to "
+        + "); rerun with the same model, processor, settings and data to "
         + ("resume" if has_chunks else "reuse it")
         + f", or {_start_over_hint()}."
     )
@@ -193,102 +192,6 @@ class _Work:
 
 def _share(n: int, rank: int, world: int) -> list[int]:
     return list(range(n * rank // world, n * (rank + 1) // world))
-
-
-class _Runner:
-    """The chunk loop of one process."""
-
-    def __init__(self, builder: ItemBuilder, vq_model, store: ChunkStore, features, *, device, batch_size, num_workers,
-                 fail_after: int | None, bar):
-        self.builder, self.vq_model, self.store, self.features = builder, vq_model, store, features
-        self.device, self.batch_size, self.num_workers = device, batch_size, num_workers
-        self.pin = device.type == "cuda"
-        self.fail_after, self.bar = fail_after, bar
-        self.written = 0
-        self.timing = Counter()
-
-    def _encode(self, items, keys, grids) -> None:
-        t0 = time.perf_counter()
-        batch = stack_pinned([items[i].pixels[k] for i, k in keys], self.pin)
-        pixels = uint8_to_pixel_values(batch.to(self.device, non_blocking=self.pin))
-        with torch.inference_mode():
-            ids = self.vq_model.encode_images(pixels).cpu()
-        for j, key in enumerate(keys):
-            grids[key] = ids[j]
-        self.timing["encode_seconds"] += time.perf_counter() - t0
-        self.timing["encoder_calls"] += 1
-        self.timing["images_encoded"] += len(keys)
-
-    def _decoded(self, items):
-        if self.num_workers == 0 or len(items) < 2:
-            return (self.builder.decode(it) for it in items)
-        loader = torch.utils.data.DataLoader(
-            DecodeJobs(self.builder, items), batch_size=None, shuffle=False, num_workers=min(self.num_workers, len(items)),
-            collate_fn=keep_as_is,
-        )
-        return iter(loader)
-
-    def chunk(self, rows) -> tuple[dict, dict]:
-        """Tokenize one chunk's rows: `(columns, report)`."""
-        t_chunk = time.perf_counter()
-        skipped, items = [], []
-        for row in rows:
-            try:
-                items.append(self.builder.prepare(row))
-            except Skip as s:
-                skipped.append(s.record(row.index))
-        pending: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        grids: dict[tuple[int, int], torch.Tensor] = {}
-        ok = []
-        decoded = self._decoded(items)
-        for i, item in enumerate(items):
-            t0 = time.perf_counter()
-            result, seconds = next(decoded)
-            self.timing["wait_seconds"] += time.perf_counter() - t0
-            self.timing["decode_seconds"] += seconds
-            if isinstance(result, tuple):
-                skipped.append({"index": item.index, "reason": result[0], "message": result[1]})
-                continue
-            item.pixels = result
-            try:
-                self.builder.layout(item)
-            except Skip as s:
-                skipped.append(s.record(item.index))
-                item.pixels = []
-                continue
-            ok.append(i)
-            for k, px in enumerate(item.pixels):  # a batch is encoded as soon as it is full
-                group = pending.setdefault(tuple(px.shape), [])
-                group.append((i, k))
-                if len(group) == self.batch_size:
-                    self._encode(items, pending.pop(tuple(px.shape)), grids)
-        for shape in list(pending):
-            self._encode(items, pending.pop(shape), grids)
-        columns: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "source_index": []}
-        stats: Counter = Counter()
-        for i in ok:
-            item = items[i]
-            ids, labels = self.builder.finish(item, [grids.pop((i, k)) for k in range(len(item.pixels))])
-            item.pixels = []
-            columns["input_ids"].append(ids)
-            columns["labels"].append(labels)
-            columns["length"].append(len(ids))
-            columns["source_index"].append(item.index)
-            stats["unconditional"] += item.uncond
-            stats["no_size"] += item.no_size
-            stats["tokens"] += len(ids)
-        skipped.sort(key=lambda d: d["index"])
-        self.timing["items"] += len(rows)
-        self.timing["chunk_seconds"] += time.perf_counter() - t_chunk
-        return columns, {"skipped": skipped, "stats": dict(stats), "rows_read": len(rows)}
-
-    def save(self, name: str, columns: dict, report: dict) -> None:
-        self.store.write(name, columns, report, self.features)
-        self.written += 1
-        if self.bar is not None:
-            self.bar.update(report["rows_read"])
-        if self.fail_after is not None and self.written >= self.fail_after:
-            raise RuntimeError(f"{FAIL_AFTER_ENV}: injected failure after {self.written} chunk(s).")
 
 
 def _fail_after(rank: int) -> int | None:
@@ -485,7 +388,7 @@ def tokenize_dataset(
 
     total = None if src.streamed else len(src)
     bar = tqdm(total=total, unit="item", desc="tokenize", disable=not progress or not procs.is_main)
-    runner = _Runner(builder, vq_model, store, features, device=run_device, batch_size=batch_size,
+    runner = ChunkTokenizer(builder, vq_model, store, features, device=run_device, batch_size=batch_size,
                      num_workers=num_workers, fail_after=_fail_after(procs.rank), bar=bar if procs.is_main else None)
     t_work = time.perf_counter()
     try:
@@ -542,7 +445,7 @@ def _move_vq(vq_model, device: torch.device, owned: bool):
     return None if owned else (lambda: module.to(current))
 
 
-def _run_map(src, runner: _Runner, store: ChunkStore, chunk_size: int, procs: _Processes, bar) -> None:
+def _run_map(src, runner: ChunkTokenizer, store: ChunkStore, chunk_size: int, procs: _Processes, bar) -> None:
     n = len(src)
     total_chunks = (n + chunk_size - 1) // chunk_size
     done_items = sum(min(chunk_size, n - k * chunk_size) for k in range(total_chunks) if store.done(chunk_name(k)))
@@ -558,7 +461,7 @@ def _run_map(src, runner: _Runner, store: ChunkStore, chunk_size: int, procs: _P
         runner.save(name, columns, {**report, "shard": 0, "number": k, "last": k == total_chunks - 1})
 
 
-def _run_stream(src, runner: _Runner, store: ChunkStore, chunk_size: int, shards: list[int]) -> None:
+def _run_stream(src, runner: ChunkTokenizer, store: ChunkStore, chunk_size: int, shards: list[int]) -> None:
     for shard in shards:
         first = 0
         while store.done(chunk_name(first, shard)):
@@ -572,7 +475,7 @@ def _run_stream(src, runner: _Runner, store: ChunkStore, chunk_size: int, shards
                             {**report, "shard": shard, "number": number, "last": len(rows) < chunk_size})
 
 
-def _process_stats(rank: int, device, runner: _Runner, work_s: float, num_workers: int) -> dict:
+def _process_stats(rank: int, device, runner: ChunkTokenizer, work_s: float, num_workers: int) -> dict:
     t = runner.timing
     busy = t["decode_seconds"] + t["encode_seconds"]
     return {
