@@ -266,18 +266,92 @@ def tokenize_dataset(
     """
     t0 = time.perf_counter()
     # ---------------- validation: everything that can fail fails here, before any work ----------------
-    no_size_ratio = _check_ratio("no_size_ratio", no_size_ratio)
-    uncond_ratio = _check_ratio("uncond_ratio", uncond_ratio)
-    chunk_size = _check_positive("chunk_size", chunk_size)
+    settings = {
+        "max_length": None if max_length is None else _check_positive("max_length", max_length),
+        "seed": seed,
+        "no_size_ratio": _check_ratio("no_size_ratio", no_size_ratio),
+        "uncond_ratio": _check_ratio("uncond_ratio", uncond_ratio),
+        "random_crop": bool(random_crop),
+        "chunk_size": _check_positive("chunk_size", chunk_size),
+        "keep_source_index": bool(keep_source_index),
+    }
     batch_size = _check_positive("batch_size", batch_size)
-    if max_length is not None:
-        _check_positive("max_length", max_length)
     procs = _Processes(None if device is None else str(device))
+    num_workers = _check_workers(num_workers, procs.world)
+    vq_path = _check_vq_model(vq_model)
+    processor = with_target_size(_load_processor(processor, vq_path), target_size)
+    src = open_source(source, image_column=image_column, caption_column=caption_column,
+                      conversation_column=conversation_column, split=split, streaming=streaming, quiet=not progress)
+    _check_source(src, procs.world, processor, settings["max_length"])
+    if vq_path is not None:
+        from .vq import load_vq_model
+
+        vq_model = load_vq_model(vq_path)
+    config = _agreed_config(procs, src, vq_model, processor, settings)
+
+    output = os.path.abspath(os.fspath(output_dir))
+    store = ChunkStore(output)
+    decision = _prepare_output(procs, src, store, config, overwrite)
+    if decision == "done":
+        from datasets import load_from_disk
+
+        logger.info("%s already holds this tokenization: nothing to do.", output)
+        return TokenizeResult(load_from_disk(output), read_json(os.path.join(output, REPORT_FILE)))
+
+    # ---------------- work: every process its share of the chunks ----------------
+    run_device = procs.device(None if device is None else str(device))
+    restore = _move_vq(vq_model, run_device, owned=vq_path is not None)
+    builder = ItemBuilder(processor, mode=src.mode, max_length=settings["max_length"], seed=seed,
+                          no_size_ratio=settings["no_size_ratio"], uncond_ratio=settings["uncond_ratio"],
+                          random_crop=settings["random_crop"], streamed=src.streamed)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None if src.streamed else len(src), unit="item", desc="tokenize", disable=not progress or not procs.is_main)
+    runner = ChunkTokenizer(builder, vq_model, store, output_features(keep_source_index), device=run_device,
+                            batch_size=batch_size, num_workers=num_workers, fail_after=_fail_after(procs.rank),
+                            bar=bar if procs.is_main else None)
+    t_work = time.perf_counter()
+    try:
+        if src.streamed:
+            _run_stream(src, runner, store, settings["chunk_size"], _share(src.num_shards, procs.rank, procs.world))
+        else:
+            _run_map(src, runner, store, settings["chunk_size"], procs, bar)
+    finally:
+        bar.close()
+        if restore is not None:
+            restore()
+    everyone = procs.gather(_process_stats(procs.rank, run_device, runner, time.perf_counter() - t_work, num_workers))
+    procs.barrier()
+
+    # ---------------- report + final dataset (main process) ----------------
+    if procs.is_main:
+        report = _finish(src, store, config, everyone, settings["chunk_size"], run_device, max_shard_size, progress)
+        dataset = report.pop("_dataset")
+    procs.barrier()
+    if not procs.is_main:
+        from datasets import load_from_disk
+
+        dataset, report = load_from_disk(output), read_json(os.path.join(output, REPORT_FILE))
+    _log_result(procs, output, report, time.perf_counter() - t0)
+    if push_to_hub and procs.is_main:
+        kwargs = dict(push_to_hub) if isinstance(push_to_hub, dict) else {"repo_id": push_to_hub}
+        if max_shard_size is not None:
+            kwargs.setdefault("max_shard_size", max_shard_size)
+        dataset.push_to_hub(**kwargs)
+    return TokenizeResult(dataset, report)
+
+
+def _check_workers(num_workers, world: int) -> int:
     if num_workers is None:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world)) or 1
-        num_workers = max(0, min(8, (os.cpu_count() or 1) // local))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) or 1
+        return max(0, min(8, (os.cpu_count() or 1) // local))
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
+    return num_workers
+
+
+def _check_vq_model(vq_model) -> str | None:
+    """The model folder, when `vq_model` is one."""
     if vq_model is None:
         raise ValueError("vq_model is required: a LuminaMGPTForConditionalGeneration or a model folder.")
     vq_path = os.fspath(vq_model) if isinstance(vq_model, (str, os.PathLike)) else None
@@ -285,50 +359,44 @@ def tokenize_dataset(
         raise ValueError(f"vq_model folder {vq_path!r} does not exist.")
     if vq_path is None and not callable(getattr(vq_model, "encode_images", None)):
         raise ValueError(f"vq_model must have an encode_images(pixel_values) method, got {type(vq_model).__name__}.")
-    processor = with_target_size(_load_processor(processor, vq_path), target_size)
-    target_size = processor.image_processor.target_size
+    return vq_path
 
-    src = open_source(source, image_column=image_column, caption_column=caption_column,
-                      conversation_column=conversation_column, split=split, streaming=streaming, quiet=not progress)
+
+def _check_source(src, world: int, processor, max_length: int | None) -> None:
     if not src.streamed and len(src) == 0:
         raise ValueError("the source has no items.")
-    if src.streamed and src.num_shards < procs.world:
+    if src.streamed and src.num_shards < world:
         if src.num_shards == 1:
             raise ValueError(
-                f"the stream has 1 shard, which cannot be split over {procs.world} processes: store it as several "
+                f"the stream has 1 shard, which cannot be split over {world} processes: store it as several "
                 "files (e.g. `Dataset.push_to_hub(..., num_shards=N)` or one `to_parquet` file per `ds.shard(N, i)`), "
                 "load it with `data_files` listing them, or run one process."
             )
-        logger.warning("the stream has %d shards for %d processes: some processes have no work.", src.num_shards, procs.world)
+        logger.warning("the stream has %d shards for %d processes: some processes have no work.", src.num_shards, world)
     if max_length is not None:
         need = minimum_max_length(processor, text_to_image=src.mode == CAPTION)
         if max_length < need:
             raise ValueError(
-                f"max_length={max_length} is too short for target_size={target_size}: one image of its largest "
-                f"bucket plus the prompt needs {need} tokens. Use max_length >= {need} (or a smaller target size)."
+                f"max_length={max_length} is too short for target_size={processor.image_processor.target_size}: one "
+                f"image of its largest bucket plus the prompt needs {need} tokens. Use max_length >= {need} (or a "
+                "smaller target size)."
             )
-    if vq_path is not None:
-        from .vq import load_vq_model
 
-        vq_model = load_vq_model(vq_path)
+
+def _agreed_config(procs: _Processes, src, vq_model, processor, settings: dict) -> dict:
+    """What identifies this tokenization (without the source files' digest, which the main process adds); the same
+    on every process, or a ValueError on all of them before any work."""
+    import json
+
     config = {
         "format_version": FORMAT_VERSION,
         "source": src.describe(),
         "vq_model": ident.vq_identity(vq_model),
         "processor": ident.processor_identity(processor),
-        "target_size": target_size,
-        "max_length": max_length,
-        "seed": seed,
-        "no_size_ratio": no_size_ratio,
-        "uncond_ratio": uncond_ratio,
-        "random_crop": bool(random_crop),
-        "chunk_size": chunk_size,
-        "keep_source_index": bool(keep_source_index),
+        "target_size": processor.image_processor.target_size,
+        **settings,
     }
-    import json
-
     config = json.loads(json.dumps(config))  # the JSON round trip makes it comparable with the stored one
-    # every process must be tokenizing the same thing: compare the processes' configs before any work
     configs = procs.gather(config)
     if any(c != configs[0] for c in configs):
         bad = next(r for r, c in enumerate(configs) if c != configs[0])
@@ -337,26 +405,24 @@ def tokenize_dataset(
             f"{ident.explain_differences(ident.config_differences(configs[0], configs[bad]))}): launch every process "
             "with the same command."
         )
+    return config
 
-    output = os.path.abspath(os.fspath(output_dir))
-    store = ChunkStore(output)
+
+def _prepare_output(procs: _Processes, src, store: ChunkStore, config: dict, overwrite: bool) -> str:
+    """Fingerprint the source files and decide what to do with the output (main process; the decision, or its
+    ValueError, reaches every process); then the main process sets up `_chunks/` for the work."""
+    output = store.output
 
     def main_checks():
         stats = ident.file_stats(ident.source_files(src))
         config["source"]["files_sha256"] = ident.stats_digest(stats)
         config["source"]["num_files"] = len(stats)
-        decision = _check_output(output, store, config, stats, overwrite)
-        return decision, config["source"]["files_sha256"], len(stats), stats
+        return _check_output(output, store, config, stats, overwrite), config["source"]["files_sha256"], len(stats), stats
 
     decision, digest, n_files, file_table = procs.agree(main_checks)
     config["source"]["files_sha256"], config["source"]["num_files"] = digest, n_files
     if decision == "done":
-        from datasets import load_from_disk
-
-        logger.info("%s already holds this tokenization: nothing to do.", output)
-        return TokenizeResult(load_from_disk(output), read_json(os.path.join(output, REPORT_FILE)))
-
-    # ---------------- set up the output (main process), then work ----------------
+        return decision
     if procs.is_main:
         if decision == "overwrite":
             if os.path.isdir(store.dir):
@@ -376,59 +442,21 @@ def tokenize_dataset(
                 "so the result is the same.", read_json(run_path).get("world_size"), procs.world,
             )
         write_json(run_path, {"world_size": procs.world})
-    del file_table
     procs.barrier()
+    return decision
 
-    run_device = procs.device(None if device is None else str(device))
-    restore = _move_vq(vq_model, run_device, owned=vq_path is not None)
-    features = output_features(keep_source_index)
-    builder = ItemBuilder(processor, mode=src.mode, max_length=max_length, seed=seed, no_size_ratio=no_size_ratio,
-                          uncond_ratio=uncond_ratio, random_crop=bool(random_crop), streamed=src.streamed)
-    from tqdm.auto import tqdm
 
-    total = None if src.streamed else len(src)
-    bar = tqdm(total=total, unit="item", desc="tokenize", disable=not progress or not procs.is_main)
-    runner = ChunkTokenizer(builder, vq_model, store, features, device=run_device, batch_size=batch_size,
-                     num_workers=num_workers, fail_after=_fail_after(procs.rank), bar=bar if procs.is_main else None)
-    t_work = time.perf_counter()
-    try:
-        if src.streamed:
-            _run_stream(src, runner, store, chunk_size, _share(src.num_shards, procs.rank, procs.world))
-        else:
-            _run_map(src, runner, store, chunk_size, procs, bar)
-    finally:
-        bar.close()
-        if restore is not None:
-            restore()
-    work_s = time.perf_counter() - t_work
-    mine = _process_stats(procs.rank, run_device, runner, work_s, num_workers)
-    everyone = procs.gather(mine)
-    procs.barrier()
-
-    # ---------------- report + final dataset (main process) ----------------
-    if procs.is_main:
-        report = _finish(src, store, config, everyone, chunk_size, run_device, max_shard_size, progress)
-        dataset = report.pop("_dataset")
-    procs.barrier()
-    if not procs.is_main:
-        from datasets import load_from_disk
-
-        dataset, report = load_from_disk(output), read_json(os.path.join(output, REPORT_FILE))
+def _log_result(procs: _Processes, output: str, report: dict, seconds: float) -> None:
     if report["num_skipped"] and procs.is_main:
         logger.warning(
             "skipped %d of %d items (%s); see %s for each item.", report["num_skipped"], report["num_source_items"],
             ", ".join(f"{r}: {c}" for r, c in report["skipped"].items()), os.path.join(output, REPORT_FILE),
         )
     logger.info(
-        "rank %d: tokenized %d items into %s (%d written, %d tokens) in %.1f s (%s items/s).", procs.rank, report["num_source_items"],
-        output, report["num_written"], report["num_tokens"], time.perf_counter() - t0, report["items_per_second"],
+        "rank %d: tokenized %d items into %s (%d written, %d tokens) in %.1f s (%s items/s).", procs.rank,
+        report["num_source_items"], output, report["num_written"], report["num_tokens"], seconds,
+        report["items_per_second"],
     )
-    if push_to_hub and procs.is_main:
-        kwargs = dict(push_to_hub) if isinstance(push_to_hub, dict) else {"repo_id": push_to_hub}
-        if max_shard_size is not None:
-            kwargs.setdefault("max_shard_size", max_shard_size)
-        dataset.push_to_hub(**kwargs)
-    return TokenizeResult(dataset, report)
 
 
 def _move_vq(vq_model, device: torch.device, owned: bool):
