@@ -223,7 +223,11 @@ def _load_one(entry: dict, model, processor, where: str):
 
 
 def _apply_weight(ds, weight: float, seed: int):
-    """`weight` copies of the dataset: whole copies for the integer part, a seeded subset for the fraction."""
+    """`weight` copies of the dataset: whole copies for the integer part, a seeded subset for the fraction.
+
+    Not `datasets.interleave_datasets`: its `probabilities` draw each row's source at random and stop at the first
+    (or last) exhausted dataset, so a dataset's share of an epoch varies with the seed and the others' sizes; a
+    recipe weight is an exact count (0.5 = half the rows, 2.0 = every row twice), and the mixture is shuffled after."""
     from datasets import concatenate_datasets
 
     n = len(ds)
