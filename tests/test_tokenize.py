@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from test_training_data import CachedVQ, CountingVQ, make_folder, make_image
 
 import lumina_hf  # noqa: F401
@@ -248,3 +249,25 @@ def test_report_gives_throughput_and_time_shares(tmp_path, vq, processor):
     assert report["world_size"] == 1 and json.load(open(tmp_path / "out" / "tokenize_report.json")) == report
 
 
+
+
+def test_vq_model_from_a_folder_keeps_the_stored_weights():
+    """The shipped nano folder records `dtype: bfloat16` in its VQGAN config while storing the encoder in fp32:
+    `load_vq_model` used to build the VQGAN in bf16 and round the encoder on loading, so tokenization encoded with
+    other weights than the model's own encoder."""
+    from safetensors import safe_open
+
+    from lumina_hf import LuminaMGPTForConditionalGeneration
+    from lumina_hf.nano import WEIGHTS_DIR
+    from lumina_hf.training import load_vq_model
+
+    folder = os.path.join(WEIGHTS_DIR, "model")
+    encoder = load_vq_model(folder)
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+        for key, value in encoder.vqmodel.state_dict().items():
+            stored = f.get_tensor(f"model.vqmodel.{key}")
+            assert value.dtype == torch.float32 and torch.equal(value, stored.to(torch.float32)), key
+    model = LuminaMGPTForConditionalGeneration.from_pretrained(folder)
+    pixels = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(encoder.encode_images(pixels), model.encode_images(pixels))
+    assert vq_identity(encoder) == vq_identity(model)  # what training compares

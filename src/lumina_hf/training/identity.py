@@ -1,6 +1,7 @@
 """What a tokenized dataset was made from, and the checks that use it.
 
-A tokenization is identified by the VQGAN weights (a SHA-256 over the state dict), the tokenizer (a SHA-256 over its
+A tokenization is identified by the VQGAN's encoding weights (a SHA-256 over the encoder, quant_conv and codebook
+tensors), the tokenizer (a SHA-256 over its
 full definition), the image processor's settings, the arguments, and every source file (size and modification time):
 - `lumina-hf tokenize` refuses to resume or reuse output made from anything else, and says what differs;
 - the tokenizer and VQGAN digests are stored in the dataset's metadata (`DatasetInfo.description`, which
@@ -23,6 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = "lumina_hf_tokenization"
+ENCODER_PREFIXES = ("encoder.", "quant_conv.", "quantize.")  # the VQGAN's pixels -> codes path
 
 
 # ------------------------------------------------------------------------------------------------ digests
@@ -41,8 +43,8 @@ def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def vq_identity(vq_model: Any) -> dict:
-    """`{"sha256": ..., "tensors": n}` of the VQGAN of `vq_model` (a Lumina-mGPT model, a `VQImageEncoder`, or any
-    encoder exposing its VQGAN as `vqmodel` or its weights as `state_dict()`)."""
+    """`{"sha256": ..., "tensors": n}` of the encoding weights of the VQGAN of `vq_model` (a Lumina-mGPT model, a
+    `VQImageEncoder`, or any encoder exposing its VQGAN as `vqmodel` or its weights as `state_dict()`)."""
     from .vq import vq_module
 
     module = vq_module(vq_model)
@@ -54,6 +56,10 @@ def vq_identity(vq_model: Any) -> dict:
             f"cannot identify the VQGAN of {type(vq_model).__name__}: give a model with its VQGAN as `vqmodel` (or a "
             "`state_dict()`), so that a resumed or reused tokenization can be checked against it."
         )
+    # only what turns pixels into codes: the decoder does not change a tokenization (and a shipped model may store
+    # it in bf16 while the tokenizing copy was fp32)
+    encoding = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    state = encoding or state
     return {"sha256": state_dict_digest(state), "tensors": len(state)}
 
 

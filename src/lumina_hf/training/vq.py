@@ -84,7 +84,9 @@ def load_vq_model(path: str | os.PathLike, device: str | torch.device | None = N
             for key in f.keys():
                 if "vqmodel." in key:
                     state[key.split("vqmodel.", 1)[1]] = f.get_tensor(key)
-    vqmodel = LuminaMGPTVQGAN._from_config(config.vq_config)
+    # float32 from construction: a config that records `dtype: bfloat16` would otherwise round the stored fp32
+    # encoder weights to bf16 on loading
+    vqmodel = LuminaMGPTVQGAN._from_config(config.vq_config, dtype=torch.float32)
     expected = set(vqmodel.state_dict())
     missing = sorted(expected - set(state))
     if missing:
@@ -93,8 +95,7 @@ def load_vq_model(path: str | os.PathLike, device: str | torch.device | None = N
             "the published Lumina-mGPT checkpoints do not contain it. Convert with `lumina-hf convert --checkpoint ... "
             "--vqgan <Meta Chameleon tokenizer dir>` so the folder holds the full image tokenizer."
         )
-    vqmodel.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
-    vqmodel.to(torch.float32)
+    vqmodel.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items() if k in expected}, strict=True)
     encoder = VQImageEncoder(vqmodel, config.image_code_to_token_id()).eval()
     return encoder if device is None else encoder.to(device)
 
