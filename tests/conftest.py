@@ -73,6 +73,7 @@ def pytest_runtest_call(item):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_deprecations: the test exercises a deprecated alias on purpose")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped on CPU; run by benchmarks/device_check.py)")
 
 
 @pytest.fixture(scope="module")

@@ -58,3 +58,60 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path):
 def test_version():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"lumina-hf {lumina_hf.__version__}"
+
+
+# ------------------------------------------------------------------ bad input found by an adversarial pass
+def cli_error(argv, capsys):
+    from lumina_hf.cli import main
+
+    with __import__("pytest").raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_generate_refuses_bad_requests_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import lumina_hf.commands.generate as generate
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(generate, "load_pipeline", no_loading)
+    out = str(tmp_path / "x.png")
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    cases = [
+        (["generate", "a", "--model", str(tmp_path / "missing"), "-o", out], "no such folder"),
+        (["generate", "a", "--device", "bogus", "-o", out], "is not a device"),
+        (["generate", "a", "--seed", str(2**64), "-o", out], "--seed must be between"),
+        (["generate", "a", "--seed", "-1", "-o", out], "--seed must be between"),
+        (["generate", "--task", "depth", "--image", str(not_an_image), "-o", out], "could not be read as an image"),
+        (["generate", "a", "--image", str(not_an_image), "-o", out], "--image needs --task"),
+        (["generate", "a", "-o", str(tmp_path / "a.txt")], "must end in .png"),
+        (["generate", "--task", "describe", "--image", str(not_an_image), "-o", out], "writes text"),
+        (["generate", "a", "-o", "/proc/x.png"], "cannot write to the folder"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["generate", "a", "--device", "cuda", "-o", out], "this machine has none"))
+    for argv, message in cases:
+        assert message in cli_error(argv, capsys), argv
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_describe_writes_text_to_a_txt_file_or_stdout(tmp_path, capsys):
+    import PIL.Image
+
+    from lumina_hf.cli import main
+
+    image = tmp_path / "in.png"
+    PIL.Image.new("RGB", (64, 64), "blue").save(image)
+    answer = tmp_path / "answer.txt"
+    assert main(["generate", "--model", "tiny-random", "--task", "describe", "--image", str(image), "-o", str(answer)]) == 0
+    assert answer.read_text().endswith("\n") and "answer.txt (the answer)" in capsys.readouterr().out
+    assert main(["generate", "--model", "tiny-random", "--task", "describe", "--image", str(image)]) == 0
+    assert capsys.readouterr().out.strip() != ""

@@ -19,7 +19,7 @@ import lumina_hf  # noqa: F401
 from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
 from lumina_hf.training import build_datasets, parse_recipe, tokenize_dataset
 from lumina_hf.training.chunks import ChunkStore
-from lumina_hf.training.identity import read_dataset_identity, tokenizer_digest, vq_identity
+from lumina_hf.training.identity import model_vq_sha256, read_dataset_identity, tokenizer_digest, vq_identity
 from lumina_hf.training.tokenize import FAIL_AFTER_ENV
 
 TS = 64
@@ -222,20 +222,31 @@ def test_training_refuses_a_dataset_of_another_model(tmp_path, model, other_mode
         "dataset_mixture": [{"path": str(tmp_path / "tok"), "weight": 1.0}],
     }
     recipe = parse_recipe(cfg)
-    train, _ = build_datasets(recipe.data, recipe.training, model, processor)
+    # the recipe runner reads the model folder's VQGAN digest before loading any weight
+    model.save_pretrained(tmp_path / "model_a")
+    other_model.save_pretrained(tmp_path / "model_b")
+    digest_a, digest_b = model_vq_sha256(str(tmp_path / "model_a")), model_vq_sha256(str(tmp_path / "model_b"))
+    assert digest_a == vq_identity(model)["sha256"] and digest_b == vq_identity(other_model)["sha256"] != digest_a
+    train, _ = build_datasets(recipe.data, recipe.training, model.config, processor, digest_a)
     assert len(train) == 3
     with pytest.raises(ValueError, match=r"dataset_mixture\[0\].*another VQGAN weights.*allow_mismatch: true"):
-        build_datasets(recipe.data, recipe.training, other_model, processor)
+        build_datasets(recipe.data, recipe.training, other_model.config, processor, digest_b)
     allowed = parse_recipe(cfg, ["--allow-mismatch"])
     assert allowed.data.allow_mismatch is True
     with caplog.at_level(logging.WARNING):
-        train, _ = build_datasets(allowed.data, allowed.training, other_model, processor)
+        train, _ = build_datasets(allowed.data, allowed.training, other_model.config, processor, digest_b)
     assert len(train) == 3 and "allowed by allow_mismatch" in caplog.text
+    # through the recipe runner: the tiny-random model of seed 7 is not the one (seed 0) that tokenized the data
+    from lumina_hf.training import run_recipe
+
+    with pytest.raises(ValueError, match=r"another VQGAN weights"):
+        run_recipe(parse_recipe({**cfg, "seed": 7, "max_steps": 1}))
+    assert not (tmp_path / "train").exists()  # refused before the model loaded or anything was written
     # a dataset that records no identity (not made by `lumina-hf tokenize`) is not checked
     plain = datasets.Dataset.from_dict({"input_ids": out.dataset["input_ids"], "labels": out.dataset["labels"]})
     plain.save_to_disk(str(tmp_path / "plain"))
     recipe2 = parse_recipe({**cfg, "dataset_mixture": [{"path": str(tmp_path / "plain"), "weight": 1.0}]})
-    assert len(build_datasets(recipe2.data, recipe2.training, other_model, processor)[0]) == 3
+    assert len(build_datasets(recipe2.data, recipe2.training, other_model.config, processor, digest_b)[0]) == 3
 
 
 def test_report_gives_throughput_and_time_shares(tmp_path, vq, processor):

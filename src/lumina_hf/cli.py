@@ -5,17 +5,20 @@ import importlib
 import logging
 import sys
 
+from huggingface_hub.errors import StrictDataclassError
+
 from .commands import VERBS, CommandError
 
-# errors that are the user's to fix: one line, exit status 2 (anything else is a bug and keeps its traceback)
-USER_ERRORS = (CommandError, ValueError, OSError)
+# errors that are the user's to fix: one line, exit status 2 (anything else is a bug and keeps its traceback);
+# StrictDataclassError: a config.json field of the wrong type
+USER_ERRORS = (CommandError, ValueError, OSError, StrictDataclassError)
 
 
 class CommandFailed(SystemExit):
-    """Exit status 2 after the one-line message was written to stderr; `str()` is that line."""
+    """Exit status 2 (130 when interrupted) after the one-line message was written to stderr; `str()` is that line."""
 
-    def __init__(self, message: str):
-        super().__init__(2)
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(code)
         self.message = message
 
     def __str__(self) -> str:
@@ -39,6 +42,11 @@ def run_command(func, args) -> int:
     """Run a verb's `func(args)`; a user error becomes `error: <message>` on stderr and exit status 2."""
     try:
         return func(args)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        sys.stderr.write("error: interrupted\n")
+        raise CommandFailed("error: interrupted", code=130) from None
     except USER_ERRORS as err:
         if getattr(args, "debug", False):
             raise

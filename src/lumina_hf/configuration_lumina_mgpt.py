@@ -146,6 +146,13 @@ class LuminaMGPTConfig(ChameleonConfig):
             self.vocabulary_map["<image>"] = self.image_placeholder_token_id
         super().__post_init__(**kwargs)
         self.validate_unirep_ids()
+        self.validate_rope()
+
+    def validate_rope(self) -> None:
+        """`rope_theta` must be a positive number (a string such as "1e4" would only fail deep inside the model)."""
+        theta = (self.rope_parameters or {}).get("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ValueError(f"rope_theta must be a positive number (10000.0 for Lumina-mGPT), got {theta!r} in the config.")
 
     # ------------------------------------------------------------------ UniRep helpers
     def validate_unirep_ids(self) -> None:

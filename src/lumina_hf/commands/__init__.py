@@ -6,7 +6,7 @@ line on stderr and exit status 2 (`--debug` shows the traceback instead).
 """
 
 # module names under lumina_hf.commands, in the order `lumina-hf --help` lists them
-VERBS = ["generate", "tokenize", "train", "convert", "push"]
+VERBS = ["generate", "tokenize", "train", "convert", "push", "demo"]
 
 
 class CommandError(Exception):

@@ -4,6 +4,7 @@ exported, now defined in `sources` (raw data as `datasets`), `items` (one row ->
 
 from .chunks import OUTPUT_COLUMNS, output_features
 from .items import SKIP_REASONS, minimum_max_length
+from .items import with_target_size as _with_target_size  # noqa: F401  (the recipe runner imports it from here)
 from .tokenize import TokenizeResult, tokenize_dataset
 from .vq import VQImageEncoder, load_vq_model
 

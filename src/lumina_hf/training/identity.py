@@ -63,6 +63,39 @@ def vq_identity(vq_model: Any) -> dict:
     return {"sha256": state_dict_digest(state), "tensors": len(state)}
 
 
+def folder_vq_sha256(path: str) -> str | None:
+    """`vq_identity(...)["sha256"]` of the model in a local folder (a model folder, or a pipeline folder's `model/`),
+    read from its safetensors without loading the model; None when there is no such folder or VQGAN."""
+    from safetensors import safe_open
+
+    from .vq import _safetensors_files
+
+    folder = os.fspath(path)
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        folder = os.path.join(folder, "model")
+    files = _safetensors_files(folder) if os.path.isdir(folder) else None
+    if not files:
+        return None
+    state = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                name = key.split("vqmodel.", 1)[1] if "vqmodel." in key else None
+                if name is not None and name.startswith(ENCODER_PREFIXES):
+                    state[name] = f.get_tensor(key)
+    return state_dict_digest(state) if state else None
+
+
+def model_vq_sha256(model_name_or_path: str, seed: int = 0) -> str | None:
+    """The VQGAN digest of the model a recipe trains, before its weights load: a local folder's safetensors, or the
+    random tiny model (`tiny-random`) of `seed`; None for a Hub id (not read before the model loads)."""
+    if model_name_or_path == "tiny-random":
+        from ..testing_utils import build_tiny_model
+
+        return vq_identity(build_tiny_model(seed=seed))["sha256"]
+    return folder_vq_sha256(model_name_or_path) if os.path.isdir(model_name_or_path) else None
+
+
 def tokenizer_digest(tokenizer) -> str:
     """SHA-256 of a tokenizer's definition: the `tokenizers` JSON of a fast tokenizer (its call-time padding and
     truncation settings left out), else the vocabulary."""
@@ -210,14 +243,19 @@ def read_dataset_identity(ds) -> dict | None:
     return data.get(METADATA_KEY) if isinstance(data, dict) else None
 
 
-def check_dataset_identity(ds, model, processor, where: str, allow_mismatch: bool = False) -> None:
-    """Refuse (ValueError) a tokenized dataset whose tokenizer or VQGAN digest is not the training model's, unless
+def check_dataset_identity(ds, vqgan_sha256: str | None, processor, where: str, allow_mismatch: bool = False) -> None:
+    """Refuse (ValueError) a tokenized dataset whose tokenizer or VQGAN digest is not the training model's
+    (`vqgan_sha256`: `vq_identity(model)["sha256"]`, None when unknown: only the tokenizer is compared), unless
     `allow_mismatch`; a dataset without a recorded identity is accepted with a log line."""
     stored = read_dataset_identity(ds)
     if stored is None:
         logger.info("%s: no tokenization identity in its metadata (not written by `lumina-hf tokenize`): not checked.", where)
         return
-    current = {"tokenizer_sha256": tokenizer_digest(processor.tokenizer), "vqgan_sha256": vq_identity(model)["sha256"]}
+    current = {"tokenizer_sha256": tokenizer_digest(processor.tokenizer)}
+    if vqgan_sha256 is not None:
+        current["vqgan_sha256"] = vqgan_sha256
+    else:
+        logger.info("%s: the model's VQGAN is not read before it loads (a Hub id): only the tokenizer is checked.", where)
     differs = [k for k in current if stored.get(k) != current[k]]
     if not differs:
         return
@@ -240,6 +278,8 @@ __all__ = [
     "describe_dataset",
     "diff_stats",
     "file_stats",
+    "folder_vq_sha256",
+    "model_vq_sha256",
     "processor_identity",
     "read_dataset_identity",
     "source_files",
