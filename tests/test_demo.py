@@ -338,9 +338,9 @@ def test_chat_streams_text_and_keeps_images_across_turns(engine, pipe):
                                  max_new_tokens=8, seed=2))[-1]
     assert isinstance(follow, ChatResult)
     # the model saw the whole conversation, its three images VQ-encoded in it
-    ids = pipe.processor.apply_chat_template(history + [{"role": "user", "content": [
-        {"type": "text", "text": "And this one?"}, {"type": "image", "image": PIL.Image.new("RGB", (128, 32), "green")}]}],
-        vq_model=pipe.model)["input_ids"][0].tolist()
+    inputs = pipe.processor.apply_chat_template(history + [{"role": "user", "content": [
+        {"type": "text", "text": "And this one?"}, {"type": "image", "image": PIL.Image.new("RGB", (128, 32), "green")}]}])
+    ids = pipe.model.fill_image_placeholders(inputs["input_ids"], inputs["pixel_values"])[0][0].tolist()
     assert ids.count(pipe.model.config.image_start_token_id) == 3
 
 

@@ -436,7 +436,9 @@ def test_text_generate_with_pixel_values_matches_offline_ids(model):
     proc = build_tiny_processor(64)
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     lazy = proc(text="Describe the image in detail. <|image|>", images=[img])
-    offline = proc(text="Describe the image in detail. <|image|>", images=[img], vq_model=model)
+    from lumina_hf.training.vq import tokenize_with_image_codes  # final ids, images encoded offline
+
+    offline = tokenize_with_image_codes(proc, model, text="Describe the image in detail. <|image|>", images=[img])
     model.generation_config.guidance_scale = 4.0
     try:
         a = model.generate(**lazy, max_new_tokens=6, do_sample=False)

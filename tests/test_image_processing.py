@@ -9,6 +9,7 @@ scaling are done in torch float64 (the reference does them in numpy float64: sam
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 from functools import lru_cache
@@ -702,3 +703,88 @@ def test_check_size():
         p.check_size(1000, 250)
     with pytest.raises(ValueError):
         p.check_size(512, 520)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decompression bombs and runaway bucket searches
+# ----------------------------------------------------------------------------------------------------
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares `width x height` RGB and whose pixel data is a few garbage bytes: opening it reads
+    the header only, decoding it fails. A processor that decodes before checking the size reports a read error."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [20000, 12000])
+def test_decompression_bomb_is_refused_from_the_header(side, tmp_path):
+    """20000^2 is over PIL's own hard limit (PIL raised its raw DecompressionBombError); 12000^2 is between PIL's
+    warning and error (it was decoded: 1.7 GB, 28 s). Both are refused with a ValueError naming the limit, before any
+    pixel is decoded (the file has no valid pixel data, so a decode would report a read error instead)."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header_only(side, side))
+    p = processor(256)
+    for source in (str(path), path.read_bytes()):
+        with pytest.warns(PIL.Image.DecompressionBombWarning) if side == 12000 else contextlib.nullcontext():
+            with pytest.raises(ValueError, match=r"image 1\b.*max_image_pixels") as err:
+                p([good_image(), source])
+        assert type(err.value) is not PIL.Image.DecompressionBombError
+        assert "could not be read" not in str(err.value)
+        if side == 12000:
+            assert f"{side}x{side}" in str(err.value) and "144 MP" in str(err.value) and "67 MP" in str(err.value)
+        else:
+            assert "decompression bomb" in str(err.value)
+
+
+def test_pixel_limit_is_configurable_and_saved(tmp_path):
+    img = make_image("RGB", 300, 200)  # 60000 pixels
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    strict = LuminaMGPTImageProcessor(target_size=256, max_image_pixels=50_000)
+    for source in (img, buf.getvalue()):
+        with pytest.raises(ValueError, match=r"image 0 .*300x200.*max_image_pixels"):
+            strict(source)
+    loose = LuminaMGPTImageProcessor(target_size=256, max_image_pixels=60_000)  # the limit itself is accepted
+    assert torch.equal(loose(img)["pixel_values"], processor(256)(img)["pixel_values"])
+    unlimited = LuminaMGPTImageProcessor(target_size=256, max_image_pixels=None)
+    assert torch.equal(unlimited(buf.getvalue())["pixel_values"], processor(256)(img)["pixel_values"])
+    strict.save_pretrained(tmp_path)
+    loaded = LuminaMGPTImageProcessor.from_pretrained(tmp_path)
+    assert loaded.max_image_pixels == 50_000
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        loaded(img)
+    assert processor(256).max_image_pixels == 8192 * 8192
+    for bad in (0, -5, 1.5, "64MP", True):
+        with pytest.raises(ValueError, match="max_image_pixels"):
+            LuminaMGPTImageProcessor(max_image_pixels=bad)
+
+
+@pytest.mark.parametrize("target", [10**6, 4096, 2080, 2**40])
+def test_huge_target_size_is_refused_at_once(target):
+    """target_size=10**6 used to be accepted and then hang in the bucket search (~10^9 iterations): now the size
+    tokens bound it (a side is at most 128 units of 32 px, so the widest 4:1 bucket allows 2048)."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"target_size={target} is not supported.*at most 2048"):
+        LuminaMGPTImageProcessor(target_size=target)
+    from lumina_hf.image_processing_lumina_mgpt import generate_buckets
+
+    with pytest.raises(ValueError, match="at most 2048"):
+        generate_buckets(target)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_largest_target_size_is_bounded_and_matches_reference():
+    p = LuminaMGPTImageProcessor(target_size=2048)
+    assert p.bucket_sizes == ref_buckets(2048)
+    assert max(max(w, h) for w, h in p.bucket_sizes) == 4096  # 128 size units of 32 px
+    with pytest.raises(ValueError, match="max_aspect_ratio"):
+        LuminaMGPTImageProcessor(max_aspect_ratio=0)

@@ -67,11 +67,12 @@ def test_own_description_likelihood_tells_the_shape_color(nano):
     """What `num_candidates` ranks by: on held-out ground-truth images, the model's likelihood of the caption as
     its description must prefer the true shape color over the other four (chance: 1 in 5). Measured: 10 of 12."""
     from examples.nano.shapes import COLORS, caption_for
+    from lumina_hf.training.vq import encode_image_spans
 
     proc, hits = nano.processor, 0
     for i in range(12):
         item = make_item(i, seed=EVAL_SEED, target_size=96)
-        grid = proc.extract_image_tokens(proc.encode_images([item.image], nano.model)[0])[0]
+        grid = proc.extract_image_tokens(encode_image_spans(proc, [item.image], nano.model)[0])[0]
         colors = [c for c in COLORS if c != item.background]
         scores = nano.describe_log_likelihood([grid] * len(colors), [caption_for(item.shape, c, item.background) for c in colors])
         hits += colors[int(scores.argmax())] == item.color

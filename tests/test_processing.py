@@ -32,6 +32,7 @@ from lumina_hf.processing_lumina_mgpt import (
     text_to_image_prompt,
 )
 from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
+from lumina_hf.training.vq import encode_image_spans, tokenize_with_image_codes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference implementation (from SPEC.md, independent of the library)
@@ -268,7 +269,7 @@ def test_unirep_ids_from_grid(proc, code_to_id):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Images through the VQGAN: processor ids == reference ids; vq_model= path == placeholders + fill
+# Images through the VQGAN: offline ids (training's batched encoder) == reference ids == placeholders + model fill
 # ---------------------------------------------------------------------------------------------------------------
 IMAGE_SET = [
     ("square", (300, 300), "RGB"),
@@ -299,7 +300,7 @@ def test_image_set_matches_reference(proc, model, code_to_id, T, target):
 
     # offline path: final ids. No markers: every image goes at the start of the first user turn as "<|image|> ".
     text = "Describe these."
-    out = proc(text=text, images=images, vq_model=model)
+    out = tokenize_with_image_codes(proc, model, text=text, images=images)
     assert "pixel_values" not in out
     expected = [BOS]
     for span in spans:
@@ -322,8 +323,8 @@ def test_image_set_matches_reference(proc, model, code_to_id, T, target):
     assert filled[0].tolist() == got
     assert torch.equal(lazy["attention_mask"], out["attention_mask"])
 
-    # encode_images gives the same spans
-    assert proc.encode_images([images[1]], model) == [spans[1]]
+    # encode_image_spans gives the same spans
+    assert encode_image_spans(proc, [images[1]], model) == [spans[1]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,7 +469,7 @@ def test_labels_multi_turn_multi_image(proc128, model, code_to_id, T):
     exp_ids = [BOS] + user1 + asst1 + user2 + asst2
     exp_labels = [IGNORE] * (1 + len(user1)) + asst1 + [IGNORE] * len(user2) + asst2
 
-    out = proc128(conversations=conv, images=imgs, vq_model=model, return_labels=True)
+    out = tokenize_with_image_codes(proc128, model, conversations=conv, images=imgs, return_labels=True)
     ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
     assert ids == exp_ids
     assert labels == exp_labels
@@ -497,7 +498,7 @@ def test_fill_placeholders_with_labels_user_and_assistant_images(proc128, model)
     a, b = make_image(64, 64, seed=70), make_image(64, 128, seed=71)
     conv = [{"role": "user", "content": "<|image|> edit"}, {"role": "assistant", "content": "<|image|>"}]
     lazy = proc128(conversations=conv, images=[a, b], return_labels=True)
-    offline = proc128(conversations=conv, images=[a, b], return_labels=True, vq_model=model)
+    offline = tokenize_with_image_codes(proc128, model, conversations=conv, images=[a, b], return_labels=True)
     f_ids, f_labels = model.fill_image_placeholders(lazy["input_ids"], lazy["pixel_values"], lazy["labels"])
     assert torch.equal(f_ids, offline["input_ids"])
     assert torch.equal(f_labels, offline["labels"])
@@ -522,7 +523,7 @@ def test_labels_text_to_image_training_item(proc128, model, code_to_id, T):
     bw, bh = ref_bucket(200, 100, 128)
     prompt = text_to_image_prompt("a landscape", bw, bh)
     item = {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "<|image|>"}], "image": [img]}
-    out = proc128(conversations=item, vq_model=model, return_labels=True)
+    out = tokenize_with_image_codes(proc128, model, conversations=item, return_labels=True)
     span = ref_span(proc128, model, code_to_id, img)
     user = T(f"Generate an image of {bw}x{bh} according to the following prompt:\na landscape") + [SEP]
     assert out["input_ids"][0].tolist() == [BOS] + user + span + [SEP]
@@ -629,7 +630,7 @@ def test_batch_with_images_fill_matches_offline(proc128, model):
     texts = ["<|image|> describe", "no image here, just a long text prompt"]
     lazy = proc128(text=texts, images=[[a], []])
     assert len(lazy["pixel_values"]) == 1
-    offline = proc128(text=texts, images=[[a], None], vq_model=model)
+    offline = tokenize_with_image_codes(proc128, model, text=texts, images=[[a], None])
     filled, _ = model.fill_image_placeholders(lazy["input_ids"], lazy["pixel_values"])
     assert torch.equal(filled, offline["input_ids"])
     assert torch.equal(lazy["attention_mask"], offline["attention_mask"])
@@ -672,7 +673,7 @@ def test_round_trip_image_to_ids_to_image(proc128, model, code_to_id, T):
     bw, bh = ref_bucket(300, 200, 128)
     prompt = text_to_image_prompt("stripes", bw, bh)
     conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": "<|image|>"}]
-    out = proc(conversations=conv, images=[img], vq_model=model)
+    out = tokenize_with_image_codes(proc, model, conversations=conv, images=[img])
     seq = out["input_ids"][0]
     # the reference: the model's codes -> its decoder -> clamp, (x+1)/2*255, truncate
     pixels = proc.image_processor([img])["pixel_values"]
@@ -837,3 +838,114 @@ def test_malformed_span_does_not_hide_later_images(proc, code_to_id, T):
         assert len(item.errors) == 1, name
         assert [g.tolist() for g in item.images] == [other_grid], name
         assert item.text.endswith("<|image|>"), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On transformers' processor machinery
+# ---------------------------------------------------------------------------------------------------------------
+def test_keywords_go_through_typed_kwargs_and_merge(proc128, T):
+    """The typed `LuminaMGPTProcessorKwargs` and transformers' `_merge_kwargs`: modality dicts and flat keywords
+    are the same thing, a key given both ways is an error, and anything this processor does not implement is a
+    TypeError naming it (transformers' merge alone would only log it)."""
+    from transformers.processing_utils import ProcessingKwargs
+
+    from lumina_hf.processing_lumina_mgpt import LuminaMGPTProcessorKwargs
+
+    assert proc128.valid_processor_kwargs is LuminaMGPTProcessorKwargs and issubclass(LuminaMGPTProcessorKwargs, dict)
+    assert set(ProcessingKwargs.__annotations__) <= set(LuminaMGPTProcessorKwargs.__annotations__)
+    texts = ["hi", "a longer prompt"]
+    assert torch.equal(proc128(text=texts, text_kwargs={"padding_side": "right"})["input_ids"],
+                       proc128(text=texts, padding_side="right")["input_ids"])
+    with pytest.raises(ValueError, match="max_length=5"):
+        proc128(text="a fairly long prompt", text_kwargs={"max_length": 5})
+    assert proc128(text="x", text_kwargs={"return_tensors": None})["input_ids"] == [[BOS] + T("x") + [SEP]]
+    img = make_image(300, 70, seed=3)  # 256x64 bucket, 18 px of room to crop
+    centre = proc128(text="<|image|>", images=[img])["pixel_values"][0]
+    moved = 0
+    for seed in range(4):
+        flat = proc128(text="<|image|>", images=[img], random_crop=True, seed=seed)["pixel_values"][0]
+        nested = proc128(text="<|image|>", images=[img], images_kwargs={"random_crop": True, "seed": seed})["pixel_values"][0]
+        assert torch.equal(flat, nested)
+        moved += not torch.equal(flat, centre)
+    assert moved  # the keywords did reach the image processor
+    with pytest.raises(ValueError, match="max_length.*two times"):
+        proc128(text="x", max_length=5, text_kwargs={"max_length": 6})
+    with pytest.raises(TypeError, match="seed"):
+        proc128(text="<|image|>", images=[img], seed="seven")  # typed: an int
+    for bad, name in [({"vq_model": object()}, "vq_model"), ({"text_kwargs": {"padding": "max_length"}}, "padding"),
+                      ({"images_kwargs": {"do_resize": False}}, "do_resize"), ({"truncation": True}, "truncation")]:
+        with pytest.raises(TypeError, match=name):
+            proc128(text="x", **bad)
+
+
+def test_vq_encoding_is_not_the_processor_job(proc128, model):
+    """Images leave the processor as placeholders + pixel_values; the VQ codes come from the model (offline: the
+    training helpers, batched)."""
+    img = make_image(64, 64, seed=5)
+    with pytest.raises(TypeError, match="vq_model"):
+        proc128(text="<|image|>", images=[img], vq_model=model)
+    assert not hasattr(proc128, "encode_images")
+    lazy = proc128(text="<|image|>", images=[img])
+    offline = tokenize_with_image_codes(proc128, model, text="<|image|>", images=[img])
+    filled, _ = model.fill_image_placeholders(lazy["input_ids"], lazy["pixel_values"])
+    assert torch.equal(filled, offline["input_ids"]) and "pixel_values" not in offline
+
+
+def test_replace_image_token_is_the_one_placeholder_hook(proc128, T):
+    """`replace_image_token` (transformers' hook) writes the placeholder span as text; transformers' own
+    `get_text_with_replacements` with it, tokenized, gives the processor's ids."""
+    assert proc128.image_token == "<|image|>" and proc128.image_token_id == PLACEHOLDER
+    text = proc128.replace_image_token({"image_sizes": [[64, 128], [96, 32]]}, 1)
+    assert proc128.tokenizer(text, add_special_tokens=False)["input_ids"] == ref_placeholder_span(96, 32)
+    a, b = make_image(200, 100, seed=1), make_image(60, 200, seed=2)
+    feats = proc128.image_processor([a, b])
+    hooks = [proc128.replace_image_token(feats, k) for k in range(2)]
+    expanded, offsets = proc128.get_text_with_replacements(["<s>see <|image|> and <|image|><reserved08706>"], hooks)
+    assert [o["type"] for o in offsets[0]] == ["image", "image"]
+    ids = proc128.tokenizer(expanded[0], add_special_tokens=False)["input_ids"]
+    assert ids == proc128(text="see <|image|> and <|image|>", images=[a, b])["input_ids"][0].tolist()
+
+
+def test_conversation_format_is_a_chat_template_with_generation_blocks(proc128, T):
+    from transformers import ProcessorMixin
+
+    conv = [
+        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "image"}]},
+        {"role": "assistant", "content": "Hi there"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    template = proc128.default_chat_template
+    assert "{%- generation -%}" in template and proc128.chat_template is None
+    ours = proc128.apply_chat_template(conv, tokenize=False)
+    assert ours == "<s>Hello <|image|><reserved08706>Hi there<reserved08706>How are you?<reserved08706>"
+    # transformers' own renderer with the template gives the same text
+    assert ProcessorMixin.apply_chat_template(proc128, conv, chat_template=template) == ours
+    with pytest.raises(Exception, match="system"):
+        ProcessorMixin.apply_chat_template(proc128, [{"role": "system", "content": "x"}], chat_template=template)
+
+
+def test_labels_follow_the_template_generation_blocks(proc128, T, tmp_path):
+    """Labels are where the template's `{% generation %}` blocks are: a template that marks the user turns
+    instead trains exactly those (and is saved with the processor; the built-in one is not written)."""
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    users_trained = (
+        "<s>{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- generation -%}{{ m['content'] }}"
+        "<reserved08706>{%- endgeneration -%}{%- else -%}{{ m['content'] }}<reserved08706>{%- endif -%}{%- endfor -%}"
+    )
+    custom = LuminaMGPTProcessor(image_processor=proc128.image_processor, tokenizer=proc128.tokenizer,
+                                 chat_template=users_trained)
+    ids = [BOS] + T("q") + [SEP] + T("a") + [SEP]
+    out = custom(conversations=conv, return_labels=True, return_tensors=None)
+    assert out["input_ids"][0] == ids
+    assert out["labels"][0] == [IGNORE] + T("q") + [SEP] + [IGNORE] * (len(T("a")) + 1)
+    default = proc128(conversations=conv, return_labels=True, return_tensors=None)
+    assert default["input_ids"][0] == ids and default["labels"][0] == [IGNORE] * (2 + len(T("q"))) + T("a") + [SEP]
+    # per call: the template argument of apply_chat_template
+    per_call = proc128.apply_chat_template(conv, chat_template=users_trained, return_labels=True, return_tensors=None)
+    assert per_call["labels"] == out["labels"]
+    custom.save_pretrained(tmp_path / "custom")
+    proc128.save_pretrained(tmp_path / "default")
+    assert (tmp_path / "custom" / "chat_template.jinja").is_file()
+    assert not (tmp_path / "default" / "chat_template.jinja").exists()
+    again = LuminaMGPTProcessor.from_pretrained(tmp_path / "custom")
+    assert again(conversations=conv, return_labels=True, return_tensors=None)["labels"] == out["labels"]

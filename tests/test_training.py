@@ -173,7 +173,11 @@ def vq_encoded_dataset(model, processor):
         [{"role": "user", "content": text_to_image_prompt("a red square", TARGET, TARGET)}, {"role": "assistant", "content": "<|image|>"}],
         {"conversations": [{"from": "human", "value": "Describe the image in detail. <|image|>"}, {"from": "gpt", "value": "blue."}]},
     ]
-    out = processor(conversations=convs, images=[[images[0]], [images[1]]], vq_model=model, return_labels=True, return_tensors=None)
+    from lumina_hf.training.vq import tokenize_with_image_codes
+
+    out = tokenize_with_image_codes(
+        processor, model, conversations=convs, images=[[images[0]], [images[1]]], return_labels=True, return_tensors=None
+    )
     rows = {"input_ids": [], "labels": []}
     for ids, labels, mask in zip(out["input_ids"], out["labels"], out["attention_mask"]):
         n = sum(mask)

@@ -1,8 +1,8 @@
 """CPU tests for `lumina_hf.training.data` (offline tokenization into a training dataset) and `lumina-hf tokenize`.
 
-Expected ids come from the processor itself (`processor(conversations=..., images=..., vq_model=model,
-return_labels=True, return_tensors=None)`), whose layout `tests/test_processing.py` checks against an independent
-SPEC implementation. Small images at target size 64 keep the tiny VQGAN fast.
+Expected ids come from the processor itself (`processor(conversations=..., images=..., return_labels=True)` with its
+placeholders filled by `tokenize_with_image_codes`), whose layout `tests/test_processing.py` checks against an
+independent reference implementation. Small images at target size 64 keep the tiny VQGAN fast.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 import lumina_hf  # noqa: F401
 from lumina_hf.processing_lumina_mgpt import text_to_image_prompt
 from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
-from lumina_hf.training import data as data_mod
+from lumina_hf.training.chunks import ChunkStore
+from lumina_hf.training.vq import encode_image_spans, tokenize_with_image_codes
 from lumina_hf.training import load_vq_model, minimum_max_length, tokenize_dataset
 
 BOS, SEP, IMAGE_START = 0, 8710, 8197
@@ -44,6 +45,7 @@ class CachedVQ:
 
     def __init__(self, model):
         self.model, self.cache = model, {}
+        self.vqmodel = model.vqmodel  # the weights that identify the tokenization
 
     def encode_images(self, pixel_values):
         keys = [(tuple(p.shape), hashlib.sha1(p.numpy().tobytes()).hexdigest()) for p in pixel_values]
@@ -65,6 +67,7 @@ class CountingVQ:
 
     def __init__(self, model, fail: bool = False):
         self.model, self.fail, self.calls, self.images = model, fail, 0, 0
+        self.vqmodel = model.vqmodel
 
     def encode_images(self, pixel_values):
         if self.fail:
@@ -122,7 +125,7 @@ def t2i_expected(processor, vq, path, caption, no_size=False):
         w, h = processor.image_processor.select_bucket(*im.size)
     prompt = text_to_image_prompt(caption) if no_size else text_to_image_prompt(caption, w, h)
     conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": "<|image|>"}]
-    out = processor(conversations=[conv], images=[[path]], vq_model=vq, return_labels=True, return_tensors=None)
+    out = tokenize_with_image_codes(processor, vq, conversations=[conv], images=[[path]], return_labels=True, return_tensors=None)
     return out["input_ids"][0], out["labels"][0]
 
 
@@ -150,9 +153,10 @@ def test_imagefolder_matches_processor(tmp_path, vq, processor):
         ids, labels = t2i_expected(processor, vq, path, cap)
         assert row["input_ids"] == ids
         assert row["labels"] == labels
-    # on disk: a plain save_to_disk folder and the report, no chunks left
+    # on disk: a plain save_to_disk folder, the report and the source files' table, no chunks left
     assert sorted(os.listdir(tmp_path / "out")) == sorted(
-        ["data-00000-of-00001.arrow", "dataset_info.json", "state.json", "tokenize_report.json"]
+        ["data-00000-of-00001.arrow", "dataset_info.json", "state.json", "tokenize_report.json",
+         "tokenize_source_files.json.gz"]
     )
     assert datasets.load_from_disk(str(tmp_path / "out"))[:] == ds[:]
     with open(tmp_path / "out" / "tokenize_report.json") as f:
@@ -224,7 +228,7 @@ def absolutize(item, root):
 
 
 def processor_ids(processor, vq, item):
-    out = processor(conversations=[item], vq_model=vq, return_labels=True, return_tensors=None)
+    out = tokenize_with_image_codes(processor, vq, conversations=[item], return_labels=True, return_tensors=None)
     return out["input_ids"][0], out["labels"][0]
 
 
@@ -311,7 +315,7 @@ def test_uncond_and_no_size_shares_are_seeded(tmp_path, vq, processor):
         path, cap = items[i]
         if uncond:
             n_uncond += 1
-            span = processor.encode_images([path], vq)[0]
+            span = encode_image_spans(processor, [path], vq)[0]
             assert row["input_ids"] == span + [SEP]
             assert row["input_ids"][0] == IMAGE_START and BOS not in row["input_ids"][:1]
             assert row["labels"] == row["input_ids"]
@@ -364,32 +368,32 @@ def test_resume_after_interruption(tmp_path, vq, processor, monkeypatch):
     kw = dict(processor=processor, chunk_size=2, uncond_ratio=0.3, no_size_ratio=0.3, progress=False)
     full, full_report = tokenize_dataset(tmp_path / "data", tmp_path / "full", vq_model=vq, **kw)
 
-    real_save = data_mod._save_chunk
+    real_save = ChunkStore.write
 
-    def save_then_fail(chunks_dir, k, *args, **kwargs):
-        if k == 1:
+    def save_then_fail(self, name, *args, **kwargs):
+        if name == "00001":
             raise KeyboardInterrupt("simulated interruption in chunk 2")
-        return real_save(chunks_dir, k, *args, **kwargs)
+        return real_save(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(data_mod, "_save_chunk", save_then_fail)
+    monkeypatch.setattr(ChunkStore, "write", save_then_fail)
     first = CountingVQ(vq)
     with pytest.raises(KeyboardInterrupt):
         tokenize_dataset(tmp_path / "data", tmp_path / "out", vq_model=first, **kw)
     chunks = tmp_path / "out" / "_chunks"
-    assert sorted(p for p in os.listdir(chunks) if not p.endswith(".json")) == ["00000"]
+    assert sorted(p for p in os.listdir(chunks) if not p.endswith((".json", ".json.gz"))) == ["00000"]
     assert first.images == 4  # chunk 1 written, chunk 2 encoded but not written
 
     # a rerun with other settings refuses to mix chunks
     with pytest.raises(ValueError, match="seed"):
         tokenize_dataset(tmp_path / "data", tmp_path / "out", vq_model=CountingVQ(vq, fail=True), **{**kw, "seed": 1})
 
-    monkeypatch.setattr(data_mod, "_save_chunk", real_save)
+    monkeypatch.setattr(ChunkStore, "write", real_save)
     second = CountingVQ(vq)
     resumed, report = tokenize_dataset(tmp_path / "data", tmp_path / "out", vq_model=second, **kw)
     assert second.images == 4  # chunks 2 and 3 only: chunk 1 is not re-encoded
     assert resumed[:] == full[:]
     assert not (tmp_path / "out" / "_chunks").exists()
-    timing = ("items_this_run", "seconds_this_run", "items_per_second")
+    timing = ("items_this_run", "seconds_this_run", "items_per_second", "processes")
     assert {k: v for k, v in report.items() if k not in timing} == {k: v for k, v in full_report.items() if k not in timing}
     assert report["items_this_run"] == 4
 
@@ -444,7 +448,7 @@ def test_bad_items_are_skipped_and_counted(tmp_path, vq, processor):
         {"conversations": [{"from": "human", "value": "only a question"}], "image": []},
         {"conversations": [{"from": "system", "value": "sys"}, {"from": "gpt", "value": "x"}]},
         {"conversations": [{"from": "human", "value": "<|image|> fine"}, {"from": "gpt", "value": "yes"}], "image": ["a.png"]},
-        42,  # not a conversation
+        {"conversations": []},  # no turns
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": None}]},
     ]
     with open(tmp_path / "j" / "train.json", "w") as f:
@@ -452,6 +456,13 @@ def test_bad_items_are_skipped_and_counted(tmp_path, vq, processor):
     ds, report = tokenize_dataset(tmp_path / "j" / "train.json", tmp_path / "out2", vq_model=vq, processor=processor, progress=False)
     assert ds["source_index"] == [3]
     assert report["skipped"] == {"image_count_mismatch": 1, "no_trainable_token": 1, "invalid_item": 3}
+    # an item that is not an object makes the file unreadable as a dataset: one clear error before any work
+    with open(tmp_path / "j" / "bad.json", "w") as f:
+        json.dump(items[:4] + [42], f)
+    never = CountingVQ(vq, fail=True)
+    with pytest.raises(ValueError, match=r"bad.json could not be read as a list of training items.*fix or remove"):
+        tokenize_dataset(tmp_path / "j" / "bad.json", tmp_path / "out3", vq_model=never, processor=processor, progress=False)
+    assert not (tmp_path / "out3").exists()
 
 
 def test_bad_input_raises_before_any_work(tmp_path, vq, processor):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, StaticCache
 
+from .padding import left_pad_prompts as _left_pad
 from .unirep import VQ_FACTOR
 
 logger = logging.getLogger(__name__)
@@ -158,18 +159,6 @@ class UniRepLogitsProcessor(LogitsProcessor):
             txt = top_k_filter(scores, self.text_top_k)
             scores = torch.where(open_image[:, None], img, txt)
         return scores
-
-
-def _left_pad(contexts: list[list[int]], pad_id: int, total: int, device):
-    """Left-padded `(R, L)` ids, a `(R, total)` attention mask (ones after the prompt) and position ids."""
-    n = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), n), pad_id, dtype=torch.long)
-    mask = torch.ones((len(contexts), total), dtype=torch.long)
-    for i, c in enumerate(contexts):
-        ids[i, n - len(c) :] = torch.tensor(c, dtype=torch.long)
-        mask[i, : n - len(c)] = 0
-    pos = (mask[:, :n].cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
 
 
 # torch.compile modes accepted by `compile=` (True means the default mode). The two that capture CUDA graphs

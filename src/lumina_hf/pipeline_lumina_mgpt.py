@@ -275,7 +275,8 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                 h, w = feats["pixel_values"].shape[-2:]
                 h, w = (h, w) if height is None else (height, width)
                 text = self._task_text(task, p)
-                ids = proc(text=text, images=[images[i]], vq_model=self.model, return_tensors=None)["input_ids"][0]
+                inputs = proc(text=text, images=[images[i]])  # image placeholders: the model writes the codes
+                ids = self.model.fill_image_placeholders(inputs["input_ids"], inputs["pixel_values"])[0][0].tolist()
             else:
                 h = height or proc.image_processor.target_size
                 w = width or proc.image_processor.target_size
@@ -415,7 +416,8 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
     def _describe(self, images, num_images_per_prompt, temperature, top_k, generator, max_new_tokens, return_dict):
         proc = self.processor
         text = self._task_text("describe", None)
-        ids = [proc(text=text, images=[im], vq_model=self.model, return_tensors=None)["input_ids"][0] for im in images]
+        inputs = [proc(text=text, images=[im]) for im in images]  # image placeholders: the model writes the codes
+        ids = [self.model.fill_image_placeholders(x["input_ids"], x["pixel_values"])[0][0].tolist() for x in inputs]
         ids = [x for x in ids for _ in range(num_images_per_prompt)]
         batch = proc.pad(ids, side="left")
         if generator is not None:

@@ -1,17 +1,14 @@
-"""LuminaMGPTProcessor: the Lumina-mGPT data format (SPEC.md sections 4 and 5).
+"""LuminaMGPTProcessor: the Lumina-mGPT data format on transformers' processor machinery.
 
-A conversation is `<s>` then each turn's text followed by `<reserved08706>`, with no role words. `<|image|>`
-in a turn marks where the next image goes; the image becomes its UniRep tokens
-`[<racm3:break>, size(H), size(W), row_0, <row end>, ..., row_last, <row end>, <eoss>]`.
-
-Two ways to get image codes, with identical ids:
-- transformers style: `processor(text=..., images=...)` lays out the exact UniRep span with
-  `<image>` placeholders at the code positions and returns `pixel_values`; the model fills in the codes.
-- offline: `processor(..., vq_model=model)` (or `processor.encode_images(images, model)`) runs the VQGAN
-  here and returns final ids (what the tokenization scripts store).
+A conversation is `<s>` then each turn's text followed by `<reserved08706>`, with no role words: the processor's
+chat template (`default_chat_template`, Jinja) writes it and marks the assistant turns with `{% generation %}`, and
+exactly those turns are trained (labels are the ids there, -100 elsewhere). `<|image|>` in a turn marks where the
+next image goes; the `replace_image_token` hook turns each image into its UniRep span with `<image>` placeholders at
+the code positions, `[<racm3:break>, size(H), size(W), <image> x W/16, <row end>, ..., <row end>, <eoss>]`, and the
+image's `pixel_values` are returned beside the ids: the model fills in the VQ codes (`fill_image_placeholders`, or
+`forward`/`generate` with `pixel_values`). Offline tokenization for training VQ-encodes in batches in
+`lumina_hf.training`.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import functools
@@ -22,29 +19,49 @@ from typing import Any
 import torch
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs
 
+from .conversation import (
+    IMAGE_MARKER,
+    OMNI_TASK_PROMPTS,
+    build_chat_template,
+    images_per_item,
+    normalize_conversation,
+    place_images,
+    render_function,
+    text_to_image_prompt,
+)
 from .image_processing_lumina_mgpt import LuminaMGPTImageProcessor
+from .padding import IGNORE_INDEX, pad_batch
 from .unirep import MalformedImageSpanError, UniRepLayout, parse_image_code_token_name
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MARKER = "<|image|>"
-T2I_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{caption}"
-T2I_TEMPLATE_NO_SIZE = "Generate an image according to the following prompt:\n{caption}"
+class LuminaMGPTImagesKwargs(ImagesKwargs, total=False):
+    """random_crop (`bool`): crop at a seeded random offset instead of the centre (training augmentation).
+    seed (`int`): seed of the random crops of one call."""
 
-# Omni-SFT instructions (SPEC.md section 5), written as trained (including "Segmentic").
-OMNI_TASK_PROMPTS = {
-    "depth": "Depth estimation.",
-    "segmentation": "Segmentic segmentation.",
-    "normal": "Surface normal estimation.",
-    "pose": "Human pose estimation.",
-    "detection": "Detect: {object}",
-    "condition": "Generate an image according to the provided image, and according to the following caption:\n{caption}",
-    "describe": "Describe the image in detail.",
+    random_crop: bool | None
+    seed: int | None
+
+
+class LuminaMGPTProcessorKwargs(ProcessingKwargs, total=False):
+    """return_labels (`bool`, defaults to False): training mode: `labels` (-100 outside the assistant turns) and right
+    padding; otherwise left padding for generation. Text keywords: `padding_side` ("left"/"right"), `max_length` (an
+    error for longer items: images are never cut) and `return_tensors` ("pt" or None); image keywords: `random_crop`,
+    `seed`."""
+
+    images_kwargs: LuminaMGPTImagesKwargs
+    return_labels: bool
+
+
+# What this processor implements of the keywords above; anything else is refused by name (transformers' own merge
+# only logs unknown keywords, and silently ignoring e.g. a misspelt `max_length` gives untruncated, unchecked items).
+SUPPORTED_KWARGS = {
+    "text_kwargs": ("padding_side", "max_length", "return_tensors"),
+    "images_kwargs": ("random_crop", "seed"),
+    "": ("return_labels",),
 }
-
-USER_ROLES = ("user", "human")
-ASSISTANT_ROLES = ("assistant", "gpt")
 
 
 @dataclasses.dataclass
@@ -58,27 +75,22 @@ class DecodedItem:
     errors: list[str]
 
 
-def text_to_image_prompt(caption: str, width: int | None = None, height: int | None = None) -> str:
-    """`Generate an image of {W}x{H} according to the following prompt:\\n{caption}` (width first);
-    without a size, the size-free variant used in part of the training data."""
-    if width is None and height is None:
-        return T2I_TEMPLATE_NO_SIZE.format(caption=caption)
-    if width is None or height is None:
-        raise ValueError("give both width and height, or neither.")
-    return T2I_TEMPLATE.format(width=int(width), height=int(height), caption=caption)
-
-
 class LuminaMGPTProcessor(ProcessorMixin):
     r"""
-    Tokenizer + `LuminaMGPTImageProcessor` + the UniRep layout and conversation template.
+    Tokenizer + `LuminaMGPTImageProcessor` + the UniRep layout and the conversation template.
 
     Args:
         image_processor (`LuminaMGPTImageProcessor`), tokenizer (a fast tokenizer over the Chameleon vocabulary).
+        chat_template (`str`, *optional*): a Jinja template for the conversation format; by default the built-in
+            one (`default_chat_template`, not written to saved folders). Turns inside `{% generation %}` are trained.
         Token names (defaults are the published ones): `bos_token` `<s>`, `separator_token` `<reserved08706>`,
         `image_start_token` `<racm3:break>`, `image_end_token` `<eoss>`, `row_end_token` `<reserved08799>`,
         `size_token_base` `<reserved08800>` (a side of n grid units is that id + n), `image_placeholder_token` `<image>`.
     """
 
+    valid_processor_kwargs = LuminaMGPTProcessorKwargs
+    text_kwargs = {"return_tensors": "pt"}
+    return_labels = False
 
     def __init__(
         self,
@@ -105,6 +117,7 @@ class LuminaMGPTProcessor(ProcessorMixin):
         self.row_end_token, self.size_token_base = row_end_token, size_token_base
         self.image_placeholder_token = image_placeholder_token
         self.max_size_units = max_size_units
+        self.image_token = IMAGE_MARKER  # the marker in the text that `replace_image_token` expands
         self._ids = {}
         for attr in (
             "bos_token",
@@ -120,7 +133,23 @@ class LuminaMGPTProcessor(ProcessorMixin):
             if tid is None or tid == tokenizer.unk_token_id and name != tokenizer.unk_token:
                 raise ValueError(f"the tokenizer has no token {name!r} ({attr}); it is not a Chameleon vocabulary.")
             self._ids[attr] = int(tid)
+        self.image_token_id = self._ids["image_placeholder_token"]
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 1
+        self._span_text: dict[tuple[int, int], str] = {}
+        self._check_layout_tokens()
+
+    def _check_layout_tokens(self) -> None:
+        """The template and the placeholder spans are text; each of their tokens must read back as its own id."""
+        layout = self.unirep
+        ids = [self.bos_token_id, self.separator_token_id, *layout.placeholder_span(32, 32)]
+        ids += [self.size_token_base_id + n for n in range(1, self.max_size_units + 1)]
+        text = "".join(self.tokenizer.convert_ids_to_tokens(ids))
+        if self._tokenize_text(text) != ids:
+            raise ValueError(
+                "the tokenizer does not read the conversation and image layout tokens (<s>, the separator, image "
+                "start/end, row end, size and placeholder tokens) back as single tokens: they must be added tokens "
+                "of a Chameleon vocabulary."
+            )
 
     # ------------------------------------------------------------------ ids
     @property
@@ -192,171 +221,138 @@ class LuminaMGPTProcessor(ProcessorMixin):
         """The UniRep span of a `width x height` image with `<image>` at every code position."""
         return self.unirep.placeholder_span(height, width)
 
-    def encode_images(self, images, vq_model, random_crop: bool | None = None, seed: int | None = None) -> list[list[int]]:
-        """Offline tokenization: preprocess `images`, VQ-encode them with `vq_model` (a
-        `LuminaMGPTForConditionalGeneration`) in one batch per bucket, return one UniRep id list per image."""
-        feats = self.image_processor(images, random_crop=random_crop, seed=seed)
-        return self._encode_pixel_values(feats["pixel_values"], vq_model)
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The text that replaces the `image_idx`-th `<|image|>` marker: the image's UniRep span (at the size of its
+        bucket, `image_inputs["image_sizes"]`) with `<image>` placeholders at the code positions."""
+        height, width = (int(v) for v in image_inputs["image_sizes"][image_idx])
+        text = self._span_text.get((height, width))
+        if text is None:
+            text = "".join(self.tokenizer.convert_ids_to_tokens(self.placeholder_ids(height, width)))
+            self._span_text[(height, width)] = text
+        return text
 
     @staticmethod
     def _pixel_list(pixel_values) -> list[torch.Tensor]:
         return list(pixel_values) if isinstance(pixel_values, (list, tuple)) else list(pixel_values.unbind(0))
 
-    def _encode_pixel_values(self, pixel_values, vq_model) -> list[list[int]]:
-        pixels = self._pixel_list(pixel_values)
-        out: list[list[int] | None] = [None] * len(pixels)
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, p in enumerate(pixels):
-            by_size.setdefault(tuple(p.shape[-2:]), []).append(i)
-        for idx in by_size.values():
-            ids = vq_model.encode_images(torch.stack([pixels[i] for i in idx]))
-            for j, i in enumerate(idx):
-                out[i] = self.unirep_ids(ids[j].cpu())
-        return out  # type: ignore[return-value]
-
     # ------------------------------------------------------------------ conversations
-    @staticmethod
-    def _content_text(content: Any, images: list) -> str:
-        """Chat-format content (a string or a list of {"type": "text"|"image"} parts) -> text with markers;
-        image parts that carry an image (`image`, `url`, `path`) are appended to `images`."""
-        if content is None:
-            return ""
-        if isinstance(content, str):
-            return content
-        parts = []
-        for part in content:
-            kind = part.get("type")
-            if kind == "text":
-                parts.append(part.get("text", ""))
-            elif kind == "image":
-                parts.append(IMAGE_MARKER)
-                for key in ("image", "url", "path"):
-                    if part.get(key) is not None:
-                        images.append(part[key])
-                        break
-            else:
-                raise ValueError(f"unsupported content part type {kind!r}: use 'text' or 'image'.")
-        return "".join(parts)
-
     def normalize_conversation(self, item: Any, images: Sequence | None = None) -> tuple[list[tuple[str, str]], list]:
-        """Any accepted input -> `([(role, text_with_markers), ...], images)`, roles 'user'/'assistant'.
-
-        Accepted: a string (one user turn); chat messages `[{"role", "content"}]`; the original training
-        JSON `{"conversations": [{"from": "human"|"gpt", "value"}], "image": [paths]}`."""
-        images = list(images) if images is not None else []
-        if isinstance(item, str):
-            return [("user", item)], images
-        if isinstance(item, dict) and "conversations" in item:
-            raw = item.get("image", item.get("images")) or []
-            images = images + (list(raw) if isinstance(raw, (list, tuple)) else [raw])
-            turns = [(t.get("from"), t.get("value")) for t in item["conversations"]]
-        elif isinstance(item, dict) and "messages" in item:  # TRL style: {"messages": [...], "images": [...]}
-            raw = item.get("images", item.get("image")) or []
-            return self.normalize_conversation(item["messages"], images + (list(raw) if isinstance(raw, (list, tuple)) else [raw]))
-        elif isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item):
-            inline: list = []
-            turns = [(m.get("role"), self._content_text(m.get("content"), inline)) for m in item]
-            images = inline + images
-        else:
-            raise ValueError(
-                "a conversation must be a string, a list of {'role', 'content'} messages, or "
-                f"{{'conversations': [...], 'image': [...]}}; got {type(item).__name__}."
-            )
-        out = []
-        for i, (role, text) in enumerate(turns):
-            if role == "system":
-                raise ValueError("Lumina-mGPT has no system turn: merge the system text into the first user turn.")
-            if role in USER_ROLES:
-                role = "user"
-            elif role in ASSISTANT_ROLES:
-                role = "assistant"
-            else:
-                raise ValueError(f"turn {i} has role {role!r}; use 'user'/'human' or 'assistant'/'gpt'.")
-            if not isinstance(text, str):
-                raise ValueError(f"turn {i} has no text (got {type(text).__name__}).")
-            out.append((role, text))
-        if not out:
-            raise ValueError("the conversation has no turns.")
-        return out, images
+        """Any accepted input -> `([(role, text_with_markers), ...], images)`, roles 'user'/'assistant'
+        (see `lumina_hf.conversation.normalize_conversation`)."""
+        return normalize_conversation(item, images)
 
     def _place_images(self, turns: list[tuple[str, str]], n_images: int, where: str) -> list[tuple[str, str]]:
-        n_markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
-        if n_markers == 0 and n_images:
-            first_user = next((i for i, (r, _) in enumerate(turns) if r == "user"), None)
-            if first_user is None:
-                raise ValueError(f"{where}: images given but there is no user turn to attach them to.")
-            turns = list(turns)
-            role, text = turns[first_user]
-            turns[first_user] = (role, (IMAGE_MARKER + " ") * n_images + text)
-        elif n_markers != n_images:
-            raise ValueError(
-                f"{where}: the text has {n_markers} {IMAGE_MARKER} marker(s) but {n_images} image(s) were given; "
-                "give one image per marker (or no markers, to put all images at the start of the first user turn)."
-            )
-        return turns
+        return place_images(turns, n_images, where)
 
-    def render_conversation(self, turns: list[tuple[str, str]]) -> str:
+    @property
+    def default_chat_template(self) -> str:
+        """The built-in conversation template, with this processor's BOS and separator tokens."""
+        return build_chat_template(self.bos_token, self.separator_token)
+
+    def _template(self, chat_template: str | None = None) -> str:
+        return chat_template or self.chat_template or self.default_chat_template
+
+    def _render(self, turns: list[tuple[str, str]], chat_template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation (markers left in place) and the character spans of its trained turns."""
+        messages = [{"role": role, "content": text} for role, text in turns]
+        rendered, spans = render_function(self._template(chat_template))(conversations=[messages])
+        return rendered[0], [tuple(s) for s in spans[0]]
+
+    def render_conversation(self, turns: list[tuple[str, str]], chat_template: str | None = None) -> str:
         """The conversation as text: `<s>turn_1<sep>turn_2<sep>...` with image markers left in place."""
-        return self.bos_token + "".join(text + self.separator_token for _, text in turns)
+        return self._render(turns, chat_template)[0]
 
     def _tokenize_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def tokenize_conversation(
-        self, turns: list[tuple[str, str]], image_spans: list[list[int]], where: str = "item 0"
+    def _ids_and_labels(
+        self, turns: list[tuple[str, str]], image_spans: Sequence[str | Sequence[int]], where: str, chat_template=None
     ) -> tuple[list[int], list[int]]:
-        """Turns with markers + one id span per image -> `(input_ids, labels)`; labels are -100 on BOS,
-        user turns (their images included) and their separators; assistant turns are trained in full."""
-        ids, labels = [self.bos_token_id], [-100]
+        """Render `turns`, put each image span (placeholder text from `replace_image_token`, or a list of ids) at its
+        marker, and tokenize. The rendered text is cut where the template's `{% generation %}` blocks start and end,
+        and the pieces are tokenized one by one; the ids of the pieces inside a block are the labels, -100 elsewhere.
+        Every cut sits next to a separator or BOS token, which the tokenizer never merges with its neighbours, so the
+        ids are those of the whole text, while the labels follow the blocks exactly (an offset mapping of one
+        tokenization of the whole text would lose zero-width and trimmed tokens at the block edges)."""
+        text, spans = self._render(turns, chat_template)
+        cuts = sorted({0, len(text), *(c for span in spans for c in span)})
+        ids: list[int] = []
+        labels: list[int] = []
         next_image = 0
-        for role, text in turns:
-            pieces = text.split(IMAGE_MARKER)
-            turn: list[int] = []
-            for k, piece in enumerate(pieces):
-                if k > 0:
-                    turn.extend(image_spans[next_image])
+        for a, b in zip(cuts, cuts[1:]):
+            trained = any(s <= a and b <= e for s, e in spans)
+            piece_ids: list[int] = []
+            pending = ""
+            for k, piece in enumerate(text[a:b].split(IMAGE_MARKER)):
+                if k:
+                    if next_image >= len(image_spans):
+                        raise ValueError(f"{where}: {len(image_spans)} images but more {IMAGE_MARKER} markers.")
+                    span = image_spans[next_image]
                     next_image += 1
-                turn.extend(self._tokenize_text(piece))
-            turn.append(self.separator_token_id)
-            ids.extend(turn)
-            labels.extend(turn if role == "assistant" else [-100] * len(turn))
+                    if isinstance(span, str):
+                        pending += span
+                    else:
+                        piece_ids += self._tokenize_text(pending) + [int(t) for t in span]
+                        pending = ""
+                pending += piece
+            piece_ids += self._tokenize_text(pending)
+            ids += piece_ids
+            labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
         if next_image != len(image_spans):
             raise ValueError(f"{where}: {len(image_spans)} images but {next_image} markers.")
         return ids, labels
 
+    def tokenize_conversation(
+        self, turns: list[tuple[str, str]], image_spans: list[list[int]], where: str = "item 0"
+    ) -> tuple[list[int], list[int]]:
+        """Turns with markers + one id span per image (e.g. VQ-encoded UniRep spans) -> `(input_ids, labels)`;
+        labels are -100 on BOS, user turns (their images included) and their separators; assistant turns are trained
+        in full."""
+        return self._ids_and_labels(turns, [list(s) for s in image_spans], where)
+
     # ------------------------------------------------------------------ main entry points
-    def __call__(
-        self,
-        text: str | list | None = None,
-        images: Any = None,
-        *,
-        conversations: list | None = None,
-        vq_model=None,
-        return_labels: bool = False,
-        padding_side: str | None = None,
-        max_length: int | None = None,
-        random_crop: bool | None = None,
-        seed: int | None = None,
-        return_tensors: str | None = "pt",
-        **kwargs,
-    ) -> BatchFeature:
+    def _check_kwargs(self, kwargs: dict) -> None:
+        known = {*SUPPORTED_KWARGS[""], *SUPPORTED_KWARGS["text_kwargs"], *SUPPORTED_KWARGS["images_kwargs"]}
+        bad = [k for k in kwargs if k not in known and k not in ("text_kwargs", "images_kwargs")]
+        for group in ("text_kwargs", "images_kwargs"):
+            bad += [f"{group}[{k!r}]" for k in kwargs.get(group) or {} if k not in SUPPORTED_KWARGS[group]]
+        if bad:
+            raise TypeError(
+                f"LuminaMGPTProcessor got unexpected keyword argument(s) {', '.join(repr(k) if '[' not in k else k for k in bad)}; "
+                "it takes text, images, conversations, return_labels, padding_side, max_length, random_crop, seed and "
+                "return_tensors (the VQ codes of images come from the model: pass pixel_values to it, or "
+                "fill_image_placeholders)."
+            )
+
+    def __call__(self, text: str | list | None = None, images: Any = None, *, conversations: list | None = None, **kwargs) -> BatchFeature:
         """Tokenize one item or a batch.
 
         - `text`: a string (one user turn: a generation prompt), or a list of strings / conversations.
-        - `images`: for one item a list of images; for a batch a list (one list of images per item).
+        - `images`: for one item a list of images; for a batch a list (one list of images per item), or a flat list
+          shared out by the items' markers.
         - `conversations`: alternative to `text` (chat messages or original training JSON items).
-        - `vq_model`: encode images here (final ids, no `pixel_values`); else placeholders + `pixel_values`.
-        - `return_labels`: training mode (labels, right padding); else left padding for generation.
+        - keywords (`LuminaMGPTProcessorKwargs`): `return_labels` (training mode: labels, right padding; else left
+          padding for generation), `padding_side`, `max_length`, `return_tensors`, `random_crop`, `seed`.
 
-        Returns `input_ids`, `attention_mask` (`(batch, seq)`), `labels` in training mode, and `pixel_values`
-        (list of `(3, H, W)`, in reading order over the batch) when images are left for the model to encode.
+        Returns `input_ids`, `attention_mask` (`(batch, seq)`), `labels` in training mode, and `pixel_values` (list
+        of `(3, H, W)`, in reading order over the batch) for the model to encode into the placeholder positions.
         """
-        if kwargs:
-            raise TypeError(
-                f"LuminaMGPTProcessor got unexpected keyword argument(s) {', '.join(repr(k) for k in kwargs)}; it "
-                "takes text, images, conversations, vq_model, return_labels, padding_side, max_length, random_crop, "
-                "seed and return_tensors."
-            )
+        return self._process(text, images, conversations, kwargs)
+
+    def _process(self, text, images, conversations, kwargs, chat_template: str | None = None) -> BatchFeature:
+        self._check_kwargs(kwargs)
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            merged = self._merge_kwargs(LuminaMGPTProcessorKwargs, **kwargs)
+        except StrictDataclassError as err:  # the typed-dict check of a keyword's value
+            raise TypeError(f"LuminaMGPTProcessor: {err}") from err
+        text_kwargs, image_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_labels = bool(merged.get("return_labels", False))
+        max_length = text_kwargs.get("max_length")
+        return_tensors = text_kwargs.get("return_tensors", "pt")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None.")
         items = conversations if conversations is not None else text
         if items is None:
             raise ValueError("give `text` or `conversations`.")
@@ -369,28 +365,23 @@ class LuminaMGPTProcessor(ProcessorMixin):
         elif single:
             per_item_images = [images if isinstance(images, (list, tuple)) else [images]]
         else:
-            per_item_images = self._images_per_item(batch, images)
+            per_item_images = images_per_item(batch, images)
 
         all_ids, all_labels, all_pixels = [], [], []
         for i, (item, imgs) in enumerate(zip(batch, per_item_images)):
             where = f"item {i}"
             turns, item_images = self.normalize_conversation(item, imgs)
             turns = self._place_images(turns, len(item_images), where)
+            spans: list[str] = []
             if item_images:
                 try:
-                    feats = self.image_processor(item_images, random_crop=random_crop, seed=seed)
+                    feats = self.image_processor(item_images, **image_kwargs)
                 except ValueError as err:
                     raise ValueError(f"{where}: {err}") from err
-                pixels = self._pixel_list(feats["pixel_values"])
-                if vq_model is not None:
-                    spans = self._encode_pixel_values(pixels, vq_model)
-                else:
-                    spans = [self.placeholder_ids(p.shape[-2], p.shape[-1]) for p in pixels]
-                    all_pixels.extend(pixels)
-            else:
-                spans = []
-            ids, labels = self.tokenize_conversation(turns, spans, where)
-            if return_labels and all(lab == -100 for lab in labels):
+                spans = [self.replace_image_token(feats, k) for k in range(len(item_images))]
+                all_pixels.extend(self._pixel_list(feats["pixel_values"]))
+            ids, labels = self._ids_and_labels(turns, spans, where, chat_template)
+            if return_labels and all(lab == IGNORE_INDEX for lab in labels):
                 raise ValueError(f"{where} has no trainable token: it needs at least one assistant turn.")
             if max_length is not None and len(ids) > max_length:
                 raise ValueError(
@@ -399,60 +390,17 @@ class LuminaMGPTProcessor(ProcessorMixin):
             all_ids.append(ids)
             all_labels.append(labels)
 
-        side = padding_side or ("right" if return_labels else "left")
+        side = text_kwargs.get("padding_side") or ("right" if return_labels else "left")
         data: dict[str, Any] = self.pad(all_ids, all_labels if return_labels else None, side)
         if all_pixels:
             data["pixel_values"] = all_pixels
-        if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None.")
         if return_tensors is None:
             data = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
         return BatchFeature(data)
 
-    @staticmethod
-    def _images_per_item(batch: list, images) -> list:
-        """A batch's images as one list per item: given nested (one list per item), or flat, in which case
-        each item takes as many images as its text has markers (or one each, when there are as many images as
-        items and the markers do not say otherwise)."""
-        images = list(images)
-        if any(isinstance(im, (list, tuple)) or im is None for im in images):
-            if len(images) != len(batch):
-                raise ValueError(f"{len(batch)} items but {len(images)} image lists: give one list per item.")
-            return [im if isinstance(im, (list, tuple)) or im is None else [im] for im in images]
-        counts = [item.count(IMAGE_MARKER) if isinstance(item, str) else None for item in batch]
-        if None not in counts and any(counts):
-            if sum(counts) != len(images):
-                raise ValueError(
-                    f"{len(images)} images for {len(batch)} texts that hold {sum(counts)} {IMAGE_MARKER} marker(s): "
-                    "give one image per marker, or one list of images per item."
-                )
-            out, at = [], 0
-            for n in counts:
-                out.append(images[at : at + n])
-                at += n
-            return out
-        if len(images) != len(batch):
-            raise ValueError(f"{len(images)} images for {len(batch)} items: give one image per item, or one list per item.")
-        return [[im] for im in images]
-
     def pad(self, ids: list[list[int]], labels: list[list[int]] | None = None, side: str = "left") -> dict:
         """Pad id lists to one length with the pad id (labels with -100); `side` 'left' or 'right'."""
-        if side not in ("left", "right"):
-            raise ValueError(f"padding side must be 'left' or 'right', got {side!r}.")
-        n = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), n), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), n), dtype=torch.long)
-        lab = torch.full((len(ids), n), -100, dtype=torch.long) if labels is not None else None
-        for i, seq in enumerate(ids):
-            sl = slice(n - len(seq), n) if side == "left" else slice(0, len(seq))
-            input_ids[i, sl] = torch.tensor(seq, dtype=torch.long)
-            mask[i, sl] = 1
-            if lab is not None:
-                lab[i, sl] = torch.tensor(labels[i], dtype=torch.long)
-        out = {"input_ids": input_ids, "attention_mask": mask}
-        if lab is not None:
-            out["labels"] = lab
-        return out
+        return pad_batch(ids, self.pad_token_id, side=side, labels=labels)
 
     def apply_chat_template(
         self,
@@ -467,7 +415,8 @@ class LuminaMGPTProcessor(ProcessorMixin):
         """Chat messages -> the Lumina-mGPT conversation format (no role words, `<reserved08706>` after each
         turn). `tokenize=False` returns the text (`<s>...` with `<|image|>` markers); otherwise the tokenized
         `BatchFeature` as `__call__` gives it. `add_generation_prompt` has nothing to add: a prompt ends after
-        the last user turn's separator. Accepts one conversation or a list of them."""
+        the last user turn's separator. Accepts one conversation or a list of them; `chat_template` replaces the
+        processor's template for this call."""
         batched = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
         convs = list(conversation) if batched else [conversation]
         if not tokenize:
@@ -479,9 +428,9 @@ class LuminaMGPTProcessor(ProcessorMixin):
                 turns, imgs = self.normalize_conversation(conv, extra)
                 if imgs:  # markers without images are fine when only the text is asked for
                     turns = self._place_images(turns, len(imgs), f"item {i}")
-                texts.append(self.render_conversation(turns))
+                texts.append(self.render_conversation(turns, chat_template))
             return texts if batched else texts[0]
-        out = self(conversations=convs, images=images if images is None or batched else [images], **kwargs)
+        out = self._process(None, images if images is None or batched else [images], convs, kwargs, chat_template)
         return out if return_dict else out["input_ids"]
 
     # ------------------------------------------------------------------ decoding
@@ -490,7 +439,7 @@ class LuminaMGPTProcessor(ProcessorMixin):
         parts: list[tuple[str, Any]] = []
         text: list[int] = []
         i, n = 0, len(ids)
-        start, end, row_end = self.image_start_token_id, self.image_end_token_id, self.row_end_token_id
+        start, end = self.image_start_token_id, self.image_end_token_id
         while i < n:
             if ids[i] != start:
                 text.append(ids[i])
@@ -578,9 +527,11 @@ class LuminaMGPTProcessor(ProcessorMixin):
 
 __all__ = [
     "LuminaMGPTProcessor",
+    "LuminaMGPTProcessorKwargs",
     "DecodedItem",
     "MalformedImageSpanError",
     "IMAGE_MARKER",
     "OMNI_TASK_PROMPTS",
+    "build_chat_template",
     "text_to_image_prompt",
 ]

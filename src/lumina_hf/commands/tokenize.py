@@ -1,4 +1,8 @@
-"""`lumina-hf tokenize`: raw data -> a tokenized training dataset (see `lumina_hf.training.data`)."""
+"""`lumina-hf tokenize`: raw data -> a tokenized training dataset (see `lumina_hf.training.tokenize`).
+
+The same parser backs `python -m lumina_hf.tokenize`, which `accelerate launch --num_processes N -m lumina_hf.tokenize`
+(GPUs) or `torchrun --nproc-per-node N -m lumina_hf.tokenize` (CPUs, gloo) start once per process.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,19 @@ import sys
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = (
+    "Turn raw data into a `datasets` dataset of input_ids / labels / length, saved with save_to_disk. "
+    "Resumable: rerun the same command after an interruption. Several processes (accelerate launch / torchrun "
+    "-m lumina_hf.tokenize) share the work and give the same dataset as one."
+)
 
-def register(subparsers) -> None:
-    t = subparsers.add_parser(
-        "tokenize",
-        help="tokenize an image-caption folder, a training JSON or a dataset (images VQ-encoded once) for training",
-        description=(
-            "Turn raw data into a `datasets` dataset of input_ids / labels / length, saved with save_to_disk. "
-            "Resumable: rerun the same command after an interruption."
-        ),
-    )
+
+def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "source",
         help="an image folder with metadata.jsonl/csv/parquet (file_name + caption column), a training .json/.jsonl "
-        "(conversations + image paths), or a folder written by Dataset.save_to_disk",
+        "(conversations + image paths), a folder written by Dataset.save_to_disk, or with --streaming a Hub dataset "
+        "id or a folder of parquet shards",
     )
     t.add_argument("-o", "--output", required=True, help="output folder (the dataset and tokenize_report.json)")
     t.add_argument(
@@ -35,7 +38,8 @@ def register(subparsers) -> None:
     t.add_argument("--image-column", default="image")
     t.add_argument("--caption-column", default="text")
     t.add_argument("--conversation-column", default=None, help="read a dataset's conversations/messages from this column")
-    t.add_argument("--split", default="train", help="split of a saved DatasetDict (default train)")
+    t.add_argument("--split", default="train", help="split of a saved DatasetDict or a Hub dataset (default train)")
+    t.add_argument("--streaming", action="store_true", help="stream the source shard by shard (load_dataset(..., streaming=True))")
     t.add_argument("--no-size-ratio", type=float, default=0.0, help="share of text-to-image prompts without WxH")
     t.add_argument(
         "--uncond-ratio", type=float, default=0.0, help="share of single-image items kept as the image alone (2.0 uses 0.1)"
@@ -44,17 +48,39 @@ def register(subparsers) -> None:
     t.add_argument("--random-crop", action="store_true", help="seeded random crop instead of the centre crop")
     t.add_argument("--chunk-size", type=int, default=256, help="items per resumable chunk")
     t.add_argument("--batch-size", type=int, default=8, help="images per VQGAN forward")
-    t.add_argument("--num-workers", type=int, default=None, help="image-decoding threads (default: up to 8)")
-    t.add_argument("--device", default=None, help="where the VQGAN runs (default: cuda when available)")
+    t.add_argument("--num-workers", type=int, default=None, help="image-decoding worker processes per process (default: up to 8)")
+    t.add_argument(
+        "--max-image-pixels", type=int, default=None,
+        help="refuse (skip) images with more pixels than this, checked before decoding (default: the processor's, 64 MP; 0: no limit)",
+    )
+    t.add_argument("--device", default=None, help="where the VQGAN runs (default: the process's GPU when there is one)")
     t.add_argument("--no-source-index", action="store_true", help="leave out the source_index column")
     t.add_argument("--overwrite", action="store_true", help="replace an existing dataset (or chunks made with other settings)")
-    t.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the result with Dataset.push_to_hub")
+    t.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the result as parquet shards (Dataset.push_to_hub)")
+    t.add_argument("--max-shard-size", default=None, help="shard size of the saved / pushed dataset, e.g. 500MB")
     t.add_argument("--no-progress", action="store_true")
+
+
+def register(subparsers) -> None:
+    t = subparsers.add_parser(
+        "tokenize",
+        help="tokenize an image-caption folder, a training JSON or a dataset (images VQ-encoded once) for training",
+        description=DESCRIPTION,
+    )
+    add_arguments(t)
     t.set_defaults(func=run)
 
 
+def build_parser(prog: str = "lumina_hf.tokenize") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..training.data import tokenize_dataset
+    from ..training.tokenize import tokenize_dataset
     from .generate import TINY_RANDOM
 
     processor = args.processor
@@ -66,7 +92,15 @@ def run(args: argparse.Namespace) -> int:
         vq_model = build_tiny_model()
         if processor is None:
             processor = build_tiny_processor(args.target_size or 256)
-    dataset, report = tokenize_dataset(
+    if args.max_image_pixels is not None:
+        if args.max_image_pixels < 0:
+            raise ValueError(f"--max-image-pixels must be >= 0 (0: no limit), got {args.max_image_pixels}.")
+        if processor is None or isinstance(processor, str):
+            from ..processing_lumina_mgpt import LuminaMGPTProcessor
+
+            processor = LuminaMGPTProcessor.from_pretrained(processor or args.model)
+        processor.image_processor.max_image_pixels = args.max_image_pixels or None
+    result = tokenize_dataset(
         args.source,
         args.output,
         vq_model=vq_model,
@@ -77,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         caption_column=args.caption_column,
         conversation_column=args.conversation_column,
         split=args.split,
+        streaming=args.streaming,
         no_size_ratio=args.no_size_ratio,
         uncond_ratio=args.uncond_ratio,
         seed=args.seed,
@@ -89,14 +124,23 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         push_to_hub=args.push_to_hub,
+        max_shard_size=args.max_shard_size,
     )
-    skipped = ", ".join(f"{r} {c}" for r, c in report["skipped"].items()) or "none"
-    rate = report.get("items_per_second")
-    sys.stdout.write(
-        f"{args.output}: {report['num_written']} of {report['num_source_items']} items written, "
-        f"{report['num_tokens']} tokens; skipped: {skipped}; "
-        f"{report['items_this_run']} items this run in {report['seconds_this_run']:.1f} s"
-        + (f" ({rate:.1f} items/s on {report['device']})" if rate else "")
-        + "\n"
-    )
+    report = result.report
+    if _is_main_process():  # one summary line per launch
+        skipped = ", ".join(f"{r} {c}" for r, c in report["skipped"].items()) or "none"
+        rate = report.get("items_per_second")
+        sys.stdout.write(
+            f"{args.output}: {report['num_written']} of {report['num_source_items']} items written, "
+            f"{report['num_tokens']} tokens; skipped: {skipped}; "
+            f"{report['items_this_run']} items this run in {report['seconds_this_run']:.1f} s"
+            + (f" ({rate:.1f} items/s over {report['world_size']} process(es) on {report['device']})" if rate else "")
+            + "\n"
+        )
     return 0
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

@@ -525,7 +525,9 @@ class DemoEngine:
         p = job.params
         pipe, proc, model = self.pipe, self.pipe.processor, self.pipe.model
         cfg = model.config
-        inputs = proc.apply_chat_template(p["messages"], vq_model=model)
+        inputs = proc.apply_chat_template(p["messages"])  # image placeholders: the model writes their codes
+        if "pixel_values" in inputs:
+            inputs["input_ids"] = model.fill_image_placeholders(inputs["input_ids"], inputs["pixel_values"])[0]
         prompt_len = inputs["input_ids"].shape[1]
         if prompt_len + p["max_new_tokens"] > cfg.max_position_embeddings:
             raise DemoInputError(

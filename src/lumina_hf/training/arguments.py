@@ -115,6 +115,13 @@ class DataArguments:
     check_data: bool = field(
         default=False, metadata={"help": "In a dry run, check that local dataset folders exist."}
     )
+    allow_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on datasets tokenized with another tokenizer or VQGAN than the model's (refused by "
+            "default: their ids mean something else to this model)."
+        },
+    )
 
 
 @dataclass

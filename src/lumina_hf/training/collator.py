@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from ..padding import IGNORE_INDEX, pad_batch
 
-IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,23 +55,14 @@ class LuminaMGPTDataCollator:
             ids_list.append(ids)
             label_list.append(labels)
 
-        n = max(x.numel() for x in ids_list)
-        if self.pad_to_multiple_of:
-            m = int(self.pad_to_multiple_of)
-            n = (n + m - 1) // m * m
-        batch = len(ids_list)
-        input_ids = torch.full((batch, n), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, n), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch, n), dtype=torch.long)
-        for row, (ids, lab) in enumerate(zip(ids_list, label_list)):
-            k = ids.numel()
-            input_ids[row, :k] = ids
-            labels[row, :k] = lab
-            attention_mask[row, :k] = 1
-        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        if self.return_position_ids:
-            out["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return out
+        return pad_batch(
+            ids_list,
+            self.pad_token_id,
+            side="right",
+            labels=label_list,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            return_position_ids=self.return_position_ids,
+        )
 
 
 __all__ = ["IGNORE_INDEX", "LuminaMGPTDataCollator"]

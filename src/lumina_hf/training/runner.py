@@ -26,6 +26,7 @@ import torch
 
 from .arguments import TINY_RANDOM, DataArguments, LoraArguments, LuminaTrainingArguments, ModelArguments, Recipe
 from .collator import LuminaMGPTDataCollator
+from .identity import check_dataset_identity, model_vq_sha256, vq_identity
 from .trainer import LuminaSFTTrainer, SignatureCallback, check_resume_checkpoint, model_signature
 
 logger = logging.getLogger(__name__)
@@ -257,7 +258,11 @@ def check_token_ids(ds, vocab_size: int, where: str) -> None:
 
 
 def _apply_weight(ds, weight: float, seed: int):
-    """`weight` copies of the dataset: whole copies for the integer part, a seeded subset for the fraction."""
+    """`weight` copies of the dataset: whole copies for the integer part, a seeded subset for the fraction.
+
+    Not `datasets.interleave_datasets`: its `probabilities` draw each row's source at random and stop at the first
+    (or last) exhausted dataset, so a dataset's share of an epoch varies with the seed and the others' sizes; a
+    recipe weight is an exact count (0.5 = half the rows, 2.0 = every row twice), and the mixture is shuffled after."""
     from datasets import concatenate_datasets
 
     n = len(ds)
@@ -277,7 +282,8 @@ def _add_length(ds):
     return ds.map(lambda ex: {"length": len(ex["input_ids"])}, desc="lengths")
 
 
-def build_datasets(data_args: DataArguments, training_args: LuminaTrainingArguments, model_config=None, processor=None):
+def build_datasets(data_args: DataArguments, training_args: LuminaTrainingArguments, model_config=None, processor=None,
+                   vqgan_sha256: str | None = None):
     """(train, eval or None): the weighted mixture of the recipe's tokenized datasets, checked (columns, lengths, and
     with `model_config` every token id inside its vocabulary), with a `length` column, items longer than `max_length`
     dropped (never truncated)."""
@@ -288,6 +294,8 @@ def build_datasets(data_args: DataArguments, training_args: LuminaTrainingArgume
         where = f"dataset_mixture[{i}]" + (f" ({entry['name']})" if entry.get("name") else "")
         ds = _load_one(entry, model_config, processor, where)
         check_dataset_columns(ds, f"{where} {entry['path']}")
+        if processor is not None:  # the tokenizer and VQGAN it was tokenized with must be the model's
+            check_dataset_identity(ds, vqgan_sha256, processor, f"{where} {entry['path']}", data_args.allow_mismatch)
         keep = [c for c in ("input_ids", "labels", "length") if c in ds.column_names]
         ds = _add_length(ds.select_columns(keep))
         if len(ds) == 0:
@@ -449,12 +457,13 @@ def build_trainer(recipe: Recipe, model=None, processor=None, train_dataset=None
         raise ValueError("a processor is needed with a model passed in.")
     if recipe.data.target_size is not None:
         # the stage's output generates at the size it was trained at (FP-SFT 512 -> 768 -> 1024)
-        from .data import _with_target_size
+        from .items import with_target_size
 
-        processor = _with_target_size(processor, recipe.data.target_size)
+        processor = with_target_size(processor, recipe.data.target_size)
     model.model.vqmodel.requires_grad_(False)
     if train_dataset is None:
-        train_dataset, eval_dataset = build_datasets(recipe.data, training, model.config, processor)
+        train_dataset, eval_dataset = build_datasets(recipe.data, training, model.config, processor,
+                                                     vq_identity(model)["sha256"])
     else:
         check_dataset_columns(train_dataset, "train_dataset")
         train_dataset = _add_length(train_dataset)
@@ -502,7 +511,8 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, callbacks=None) -> Trainin
         from .data import _with_target_size
 
         processor = _with_target_size(processor, recipe.data.target_size)
-    train_dataset, eval_dataset = build_datasets(recipe.data, training, config, processor)
+    vqgan_sha256 = model_vq_sha256(_resolve_folders(recipe.model)[0], training.seed)
+    train_dataset, eval_dataset = build_datasets(recipe.data, training, config, processor, vqgan_sha256)
     model, processor = load_model_and_processor(recipe.model, recipe.lora, training)
     if resume is not None:
         check_resume_checkpoint(resume, model_signature(model, recipe.lora.use_peft, recipe.lora.lora_r))

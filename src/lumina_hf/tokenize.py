@@ -1,0 +1,24 @@
+"""Tokenize for training: `python -m lumina_hf.tokenize SOURCE -o OUT --model PATH [...]`, the same as
+`lumina-hf tokenize`, as a module that launchers start once per process:
+`accelerate launch --num_processes 8 -m lumina_hf.tokenize ...` (GPUs) or
+`torchrun --nproc-per-node 2 -m lumina_hf.tokenize ... --device cpu` (CPUs, gloo)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_command
+    from .commands.tokenize import build_parser, run
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return run_command(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
