@@ -28,11 +28,16 @@ logger = logging.getLogger(__name__)
 class ImageGenerationOutput:
     """`sequences`: `(batch, span)` UniRep spans `[start, h, w, grid..., end]` (a list of 1-D tensors when
     the rows have different sizes); `sizes`: `(height, width)` in pixels per row; `interrupted`: True when a
-    callback stopped the loop early (the spans are then incomplete)."""
+    callback stopped the loop early (the spans are then incomplete); `num_forwards`: forward passes of the
+    decoder the call ran (size sampling, prompt and decoding steps); `accepted_per_forward`: speculative
+    decoding only, `(forwards, batch)` tokens each row decided in each decoding forward (0 once the row was
+    complete), the acceptance-length distribution."""
 
     sequences: torch.Tensor | list[torch.Tensor]
     sizes: list[tuple[int, int]]
     interrupted: bool = False
+    num_forwards: int | None = None
+    accepted_per_forward: torch.Tensor | None = None
 
 
 def normalize_generators(generator, batch_size: int) -> list[torch.Generator] | torch.Generator | None:
@@ -166,6 +171,7 @@ class _DecodeStep:
             mode = compile if isinstance(compile, str) else None
             fn = torch.compile(fn, mode=mode, fullgraph=False, dynamic=False)
         self.fn = fn
+        self.calls = 0
 
     def _step(self, token, position, mask, cache):
         hidden = self.model.model(
@@ -174,6 +180,7 @@ class _DecodeStep:
         return F.linear(hidden[:, -1], self.head)
 
     def __call__(self, token, position, mask, cache):
+        self.calls += 1
         return self.fn(token, position, mask, cache)
 
 
@@ -220,6 +227,7 @@ def generate_image_tokens(
     compile: bool | str = False,
     callback: Callable[[int, torch.Tensor], bool] | None = None,
     progress_bar=None,
+    speculative_window: int | None = None,
 ) -> ImageGenerationOutput:
     """Generate one image per prompt with classifier-free guidance (SPEC.md section 6).
 
@@ -238,6 +246,12 @@ def generate_image_tokens(
         compile: `torch.compile` the decode step (`True` or a mode such as "reduce-overhead").
         callback: `callback(step, tokens_so_far) -> stop`; returning True interrupts the loop.
         progress_bar: an object with `update(n)` (e.g. a tqdm bar).
+        speculative_window: `None` or 0 for plain decoding (one token per forward); `N >= 1` for lossless
+            speculative Jacobi decoding (`lumina_hf.speculative`): each forward feeds `N` tokens per row (the
+            last decided one and `N - 1` drafts) and decides up to `N`, sampling the same distribution as plain
+            decoding (the same tokens when greedy). Under sampling the tokens for a given seed differ from
+            plain decoding's and depend on the batch. At most the image's span (its tokens after the size
+            tokens).
     """
     cfg = model.config
     if not prompts:
@@ -255,6 +269,12 @@ def generate_image_tokens(
     device = model.device
     patch = cfg.patch_size
     f = model.vqmodel.downsample_factor
+    if speculative_window is not None:
+        if isinstance(speculative_window, bool) or not isinstance(speculative_window, int) or speculative_window < 0:
+            raise ValueError(
+                f"speculative_window must be an integer >= 0 (the tokens per forward; 0 or None for plain decoding), "
+                f"got {speculative_window!r}."
+            )
 
     if force_size:
         if height is None or width is None:
@@ -263,8 +283,29 @@ def generate_image_tokens(
             if v % patch or not 1 <= v // patch <= cfg.max_size_units:
                 raise ValueError(f"{name}={v} must be a multiple of {patch} px between {patch} and {patch * cfg.max_size_units}.")
         sizes = [(height, width)] * batch
-    else:
+    # the span of the largest image the call can make: the requested size, or the largest the model may sample
+    most = grid_tokens(height // f, width // f) if force_size else grid_tokens(*(cfg.max_size_units * patch // f,) * 2)
+    if speculative_window and speculative_window > most:
+        raise ValueError(
+            f"speculative_window={speculative_window} is larger than the image span ({most} tokens after the size "
+            f"tokens): use at most {most}."
+        )
+    if not force_size:
         sizes = _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator, device)
+    forwards_before = 0 if force_size else 2
+
+    if speculative_window:
+        from .speculative import speculative_generate
+
+        largest = max(grid_tokens(h // f, w // f) for h, w in sizes)
+        if speculative_window > largest:
+            logger.info("speculative_window %d > the sampled images' span %d: using %d", speculative_window, largest, largest)
+        return speculative_generate(
+            model, prompts, sizes, window=min(speculative_window, largest), negative_prompts=negative_prompts,
+            guidance_scale=guidance_scale, image_top_k=image_top_k, temperature=temperature, do_sample=do_sample,
+            generator=generator, compile=compile, callback=callback, progress_bar=progress_bar,
+            forwards_before=forwards_before,
+        )
 
     # The step schedule is planned here from Python ints, so the decode loop never reads the device.
     grid_rows = [h // f for h, _ in sizes]
@@ -340,7 +381,9 @@ def generate_image_tokens(
         sequences = torch.cat([prefix, out_tokens], dim=1)
     else:
         sequences = [torch.cat([prefix[b], out_tokens[b, : span[b]]]) for b in range(batch)]
-    return ImageGenerationOutput(sequences=sequences, sizes=sizes, interrupted=interrupted)
+    return ImageGenerationOutput(
+        sequences=sequences, sizes=sizes, interrupted=interrupted, num_forwards=forwards_before + 1 + step_fn.calls
+    )
 
 
 __all__ = [
