@@ -68,6 +68,7 @@ from .generation_lumina_mgpt import (
 logger = logging.getLogger(__name__)
 
 DRAFT_INITS = ("above", "left", "random")
+COUPLINGS = ("gumbel", "maximal", "independent")
 
 
 class _WindowStep(_DecodeStep):
@@ -115,17 +116,27 @@ def speculative_generate(
     callback: Callable[[int, torch.Tensor], bool] | None = None,
     progress_bar=None,
     draft_init: str = "above",
+    coupling: str = "gumbel",
     forwards_before: int = 0,
 ) -> ImageGenerationOutput:
     """Generate one image per prompt (sizes already chosen) with speculative Jacobi decoding, `window` tokens per
     forward. Arguments as `generate_image_tokens`; `generator` is one generator or a list with one per prompt
-    (as there, already checked). `draft_init`: how positions entering the window are first drafted ("above",
-    "left", "random"). `forwards_before`: forwards already spent (size sampling), added to `num_forwards`.
+    (as there, already checked). `forwards_before`: forwards already spent (size sampling), added to
+    `num_forwards`. All choices below are lossless; they only change how many drafts are accepted.
+
+    `draft_init`: the first draft of a position entering the window: "above" (the token in the same column of
+    the previous row, else the last token before it), "left" (the last token before the new positions) or
+    "random" (uniform over the codes, as in SJD). `coupling`: how a position is redrafted from a new `p`:
+    "gumbel" (the position's fixed Gumbel noise, see the module notes), "maximal" (keep the old draft with
+    probability `min(1, p/q)`, else draw from `max(0, p - q)`: the maximal coupling of MC-SJD, arXiv
+    2510.24211) or "independent" (a fresh sample every forward, as in SJD).
 
     Under sampling the result follows the plain sampler's distribution but not its exact tokens for a seed, and
     a row's tokens depend on the batch it is in (the number of forwards, hence of noise draws, does)."""
     if draft_init not in DRAFT_INITS:
         raise ValueError(f"draft_init must be one of {', '.join(DRAFT_INITS)}, got {draft_init!r}.")
+    if coupling not in COUPLINGS:
+        raise ValueError(f"coupling must be one of {', '.join(COUPLINGS)}, got {coupling!r}.")
     cfg = model.config
     device = model.device
     batch = len(prompts)
@@ -269,13 +280,23 @@ def speculative_generate(
         else:
             new_code = res.argmax(-1)
 
+        if do_sample and coupling == "independent":
+            # plain SJD: every redraft is a fresh sample of the new p
+            redraft = (logp + _gumbel(draw(W * n_codes).view(batch, W, n_codes))).argmax(-1)
+        elif do_sample and coupling == "maximal":
+            # maximal coupling of the old draft (a sample of q) with the new p: keep it with probability
+            # min(1, p/q), else draw from the residual (fresh noise); the result is a sample of p
+            u2 = draw(W + W * n_codes)
+            keep = speculative_accept(p_d, q_d, u2[:, :W])
+            res_all = residual_distribution(p, q)
+            redraft = torch.where(keep, draft, (torch.log(res_all) + _gumbel(u2[:, W:].view(batch, W, n_codes))).argmax(-1))
         after = k_idx[None] > kstar[:, None]
         choice = torch.where(after, redraft, torch.where(k_idx[None] == kstar[:, None], new_code[:, None], draft))
         tokens[:, s_lo:s_hi] = torch.where(forced[:, s_lo:s_hi] | already, win_tok, code_ids[choice])
         q = torch.where(after[..., None], p, q)
         new_decided = torch.maximum(decided, s_lo + kstar + (kstar < W).long())
-        live = decided < complete_at
-        accepted.append(torch.where(live, new_decided - decided, 0))
+        # tokens each row decided in this forward, up to its last code (the trailing row end and end are free)
+        accepted.append(torch.minimum(new_decided, complete_at) - torch.minimum(decided, complete_at))
         decided = new_decided
 
         # ---- the one host synchronisation of the iteration: how far every row is
