@@ -102,6 +102,7 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
     def check_inputs(
         self, prompt, negative_prompt, height, width, guidance_scale, num_images_per_prompt, generator, top_k,
         temperature, image, task, output_type, callback_on_step_end_tensor_inputs, num_candidates=None,
+        speculative_window=None,
     ) -> None:
         if task is not None and task not in IMAGE_TASKS + TEXT_TASKS:
             raise ValueError(f"task={task!r} is not one of {', '.join(IMAGE_TASKS + TEXT_TASKS)}.")
@@ -123,6 +124,25 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                     f"num_candidates={num_candidates} ranks text-to-image candidates by the prompt; task={task!r} "
                     "has no caption to rank by: leave num_candidates unset."
                 )
+        if speculative_window is not None:
+            if isinstance(speculative_window, bool) or not isinstance(speculative_window, int) or speculative_window < 0:
+                raise ValueError(
+                    f"speculative_window must be an integer >= 0 (tokens per forward; 0 or None for plain decoding), "
+                    f"got {speculative_window!r}."
+                )
+            if task in TEXT_TASKS and speculative_window:
+                raise ValueError(
+                    f"speculative_window is for image outputs; task={task!r} answers in text, which is decoded token by "
+                    "token: leave speculative_window unset."
+                )
+            if height is not None and width is not None and task not in TEXT_TASKS:
+                f = self.model.vqmodel.downsample_factor
+                span = grid_tokens(height // f, width // f)
+                if speculative_window > span:
+                    raise ValueError(
+                        f"speculative_window={speculative_window} is larger than the image span ({span} tokens after the "
+                        f"size tokens at {width}x{height}): use at most {span}."
+                    )
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
         if top_k is not None and top_k < 1:
@@ -184,6 +204,7 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
         compile: bool | str = False,
         max_new_tokens: int = 256,
         num_candidates: int | None = None,
+        speculative_window: int | None = None,
     ):
         r"""
         Generate images (or, for `task="describe"`, text).
@@ -217,6 +238,10 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                 `num_candidates` times the generation. Only meaningful for a model trained on that task; the
                 default is the model's `generation_config.num_candidates`, else 1 (no ranking). The callback's
                 `tokens` then hold every candidate row.
+            speculative_window: decode images with lossless speculative Jacobi decoding, this many tokens per forward
+                pass (`lumina_hf.speculative`; the same distribution as token-by-token decoding, fewer forwards). The
+                default is the model's `generation_config.speculative_window`, else None (token by token). Not for
+                `task="describe"`. With it, the callback is called for each step once every image has decided it.
 
         Returns:
             `LuminaMGPTPipelineOutput` (or a tuple `(images,)` with `return_dict=False`).
@@ -229,7 +254,10 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
         self.check_inputs(
             prompt, negative_prompt, height, width, guidance_scale, num_images_per_prompt, generator, top_k,
             temperature, image, task, output_type, callback_on_step_end_tensor_inputs, num_candidates,
+            speculative_window,
         )
+        if speculative_window is None and task not in TEXT_TASKS:
+            speculative_window = getattr(getattr(self.model, "generation_config", None), "speculative_window", None)
         if num_candidates is None:
             num_candidates = self._default("num_candidates", None) if task is None else 1
         self._interrupt = False
@@ -307,6 +335,7 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                 compile=compile,
                 callback=on_step,
                 progress_bar=bar,
+                speculative_window=speculative_window,
             )
         if out.interrupted:
             self.maybe_free_model_hooks()

@@ -242,6 +242,7 @@ def speculative_generate(
     front = 0  # steps decided for every row (reported to the callback / progress bar)
     accepted: list[torch.Tensor] = []
     interrupted = False
+    bar_steps = 0
 
     while True:
         # ---- target distributions at steps c+1 .. c+W, exactly as the plain sampler processes one step
@@ -304,27 +305,28 @@ def speculative_generate(
         new_front = int(done_steps.min())
         edited_rows = None
         if callback is not None or progress_bar is not None:
-            # report the steps every row has decided, in order, as plain decoding does
-            s = front
-            while s < new_front:
-                if progress_bar is not None:
+            # report the steps every row has now decided, in order, as plain decoding does
+            before = tokens[:, front:new_front].clone() if callback is not None else None
+            for s in range(front, new_front):
+                if progress_bar is not None and s >= bar_steps:  # steps reported again after an edit count once
                     progress_bar.update(1)
-                stop = False
-                if callback is not None:
-                    before = tokens[:, s].clone()
-                    stop = callback(s, tokens[:, : s + 1])
-                    changed = tokens[:, s] != before
-                    if bool(changed.any()):
-                        # the callback replaced this step's token: it is fed next, and whatever its row had decided
-                        # after it becomes a draft again (one-hot q: still lossless given the edited prefix)
-                        decided = torch.where(changed, s + 1, decided)
-                        edited_rows = changed if edited_rows is None else edited_rows | changed
-                        new_front = s + 1
-                if stop:
+                    bar_steps = s + 1
+                if callback is not None and callback(s, tokens[:, : s + 1]):
                     interrupted = s + 1 < n_steps
                     new_front = s + 1
                     break
-                s += 1
+            if callback is not None and not interrupted:
+                # one more synchronisation: did the callback replace tokens? An edited row keeps its prefix
+                # through its first edited step, which is fed next; what it had decided after that becomes drafts
+                # again (one-hot q: lossless given the edited prefix), decided and reported anew
+                diff = tokens[:, front:new_front] != before
+                edited = diff.any(1)
+                first = torch.where(edited, diff.int().argmax(1), new_front - front)
+                first_min = int(first.min())
+                if first_min < new_front - front:
+                    decided = torch.where(edited, front + first + 1, decided)
+                    edited_rows = edited
+                    new_front = front + first_min + 1
         front = new_front
         if interrupted or front >= n_steps:
             break
