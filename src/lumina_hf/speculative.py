@@ -167,7 +167,7 @@ def speculative_generate(
 
     code_ids = model.model.image_code_to_id.to(device)
     n_codes = code_ids.numel()
-    code_of = torch.zeros(max(cfg.vocab_size, max(cfg.image_code_to_token_id()) + 1), dtype=torch.long, device=device)
+    code_of = torch.zeros(cfg.vocab_size, dtype=torch.long, device=device)  # token id -> code index
     code_of[code_ids] = torch.arange(n_codes, device=device)
 
     # What is known in advance, per row and step: row ends, the end token and the padding after it.
