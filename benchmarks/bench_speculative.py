@@ -163,7 +163,7 @@ def cost_table(args):
             tok = torch.randint(4, 8000, (rows, window), device=device)
             p = ids.shape[1] + torch.arange(window, device=device).expand(rows, -1)
             times = []
-            for i in range(args.repeats + 3):
+            for _ in range(args.repeats + 3):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()

@@ -27,8 +27,8 @@ loop of `generation_lumina_mgpt`:
   and residual noise are fresh at every forward).
 - UniRep structure: row-end and end tokens are known in advance; they are written into the window, never
   drafted or rejected. Positions entering the window start from the token above (same column, previous row;
-  a deterministic draft, `q` one-hot), which images often repeat (`draft_init="above"`, the default; `"left"`
-  and `"random"` are the alternatives, all lossless).
+  a deterministic draft, `q` one-hot; `draft_init="above"`, the default; `"left"` and `"random"` are the
+  alternatives, all lossless). Later drafts come from the model; the first draft only matters until then.
 
 Batches: rows accept different numbers of tokens. All rows share the cache slots of the window (slot = prompt
 length + step), and each forward starts at the slowest row's last decided token; a row that is ahead re-feeds
