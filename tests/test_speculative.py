@@ -3,10 +3,13 @@ when sampling (a two-sample test that also catches deliberately wrong acceptance
 forward hook counts them, stale cache entries never attended, bad input refused before any forward, and the
 pipeline around it. The independent reference is always the plain token-by-token loop."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 import lumina_hf.speculative as speculative
 from lumina_hf import LuminaMGPTPipeline, text_to_image_prompt
@@ -256,6 +259,35 @@ def test_stale_cache_entries_are_never_attended(model, processor):
     finally:
         handle.remove()
     assert not torch.equal(broken.sequences, plain.sequences)
+
+
+class HostReads(TorchFunctionMode):
+    """Records the tensor-to-host reads (`int()`, `bool()`, `.item()`, `.tolist()`, `.cpu()`, ...) made directly by
+    code in `lumina_hf/speculative.py`: on a GPU each one waits for the device."""
+
+    READS = ("item", "__int__", "__bool__", "__float__", "__index__", "tolist", "cpu", "numpy")
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS and sys._getframe(1).f_code.co_filename == speculative.__file__:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_host_reads_are_one_per_forward(model, processor, with_callback):
+    """The decoding loop reads the device once per forward (where the slowest row is), twice with a step callback
+    (whether it replaced tokens), and once at the end (the acceptance statistics); nothing per token."""
+    prompts = two_prompts(processor, 64, 64)
+    with HostReads() as reads:
+        out = generate_image_tokens(model, prompts, height=64, width=64, guidance_scale=2.0, speculative_window=5,
+                                    generator=torch.Generator().manual_seed(0),
+                                    callback=(lambda s, t: False) if with_callback else None)
+    assert out.num_forwards > 1
+    assert reads.n == (2 if with_callback else 1) * out.num_forwards + 1
 
 
 # ------------------------------------------------------------------ callbacks
