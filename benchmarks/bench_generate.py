@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from lumina_hf import LuminaMGPTConfig, LuminaMGPTForConditionalGeneration, text_to_image_prompt
 from lumina_hf.generation_lumina_mgpt import generate_image_tokens, grid_tokens
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
 
 
 def plain_loop(model, prompt, height, width, guidance=4.0, top_k=2000, generator=None):

@@ -20,6 +20,8 @@ the time per image from the nano model's measured forwards per image.
 
 import argparse
 import collections
+import os
+import sys
 import time
 
 import torch
@@ -32,9 +34,11 @@ WINDOWS = (8, 16, 32)
 
 
 def nano_setup(n):
+    # the nano evaluation items live with the rest of the nano tooling in examples/ (not in the wheel)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from examples.nano.evaluate import EVAL_SEED
+    from examples.nano.shapes import aspect_size, make_item
     from lumina_hf.nano import load_nano_pipeline
-    from lumina_hf.nano.evaluate import EVAL_SEED
-    from lumina_hf.nano.shapes import aspect_size, make_item
 
     pipe = load_nano_pipeline()
     target = pipe.processor.image_processor.target_size
@@ -56,10 +60,8 @@ def run(model, jobs, rows, window, settings, seed0=0, **spec_options):
         gens = [torch.Generator().manual_seed(seed0 + 1000 * j + r) for r in range(rows)]
         t, c = time.perf_counter(), time.process_time()
         if spec_options:
-            f = model.vqmodel.downsample_factor
             out = speculative_generate(model, [ids] * rows, [(h, w)] * rows, window=window, generator=gens,
                                        **settings, **spec_options)
-            assert out.sequences.shape[1] == (h // f) * (w // f + 1) + 4
         else:
             out = generate_image_tokens(model, [ids] * rows, height=h, width=w, generator=gens,
                                         speculative_window=window, **settings)
@@ -129,7 +131,6 @@ def cost_table(args):
     from transformers import StaticCache
 
     from lumina_hf import LuminaMGPTConfig, LuminaMGPTForConditionalGeneration
-    from lumina_hf.generation_lumina_mgpt import grid_tokens
     from lumina_hf.speculative import _WindowStep  # the decode step the speculative loop runs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,11 +141,11 @@ def cost_table(args):
         with torch.device(device):
             model = LuminaMGPTForConditionalGeneration(cfg).to(dtype).eval()
     else:
-        from lumina_hf.tiny import build_tiny_model
+        from lumina_hf.testing_utils import build_tiny_model
 
         model = build_tiny_model().to(device)
     size = args.size or 64
-    span = grid_tokens(size // 16, size // 16)
+    span = model.config.unirep.grid_length(*model.config.unirep.grid_shape(size, size))
     prompt_len = 64
     code_ids = model.model.image_code_to_id.to(device)
     rows = 2 * args.batch  # conditional + unconditional

@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from lumina_hf import LuminaMGPTConfig, LuminaMGPTForConditionalGeneration
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
 from lumina_hf.training import build_trainer, parse_recipe, synthetic_dataset
 
 
@@ -117,7 +117,7 @@ def large_case(kind, steps, warmup):
                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192)
         size, name = 768, "7B LoRA r64 (+image rows), 768 px"
     else:
-        from lumina_hf.tiny import tiny_config
+        from lumina_hf.testing_utils import tiny_config
 
         cfg = tiny_config(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                           num_key_value_heads=4, max_position_embeddings=8192)

@@ -8,12 +8,17 @@ Targets for the nano model: colors >= 90%, shape kind >= 80%, sizes 100%, segmen
 """
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
 from lumina_hf import LuminaMGPTPipeline
-from lumina_hf.nano.evaluate import EVAL_SEED, evaluate_shapes
+
+# the nano evaluation lives with the rest of the nano tooling in examples/ (not in the wheel)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from examples.nano.evaluate import EVAL_SEED, evaluate_shapes  # noqa: E402
 
 TARGETS = {"background": 0.9, "color": 0.9, "shape": 0.8, "size": 1.0, "segmentation_iou": 0.7, "description": None}
 

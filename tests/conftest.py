@@ -14,6 +14,10 @@ import torch
 import lumina_hf
 
 LUMINA_SRC = os.path.dirname(os.path.abspath(lumina_hf.__file__)) + os.sep
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the examples (how the nano model was built) are tested too; they are run from the repository root
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
 DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 # Deprecations that a library raises from its own implementation whatever we pass it (a newer release of that
 # library fixes them, not a change of ours). Each entry: category, message pattern, where it comes from.
@@ -69,6 +73,7 @@ def pytest_runtest_call(item):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "allow_deprecations: the test exercises a deprecated alias on purpose")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped on CPU; run by benchmarks/device_check.py)")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForImageTextToText
 import lumina_hf  # noqa: F401  (registers the Auto classes)
 from lumina_hf import LuminaMGPTConfig, LuminaMGPTForConditionalGeneration, LuminaMGPTModel, LuminaMGPTPipeline
 from lumina_hf.generation_lumina_mgpt import generate_image_tokens
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor, tiny_config
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGET = 32
@@ -228,7 +228,7 @@ def test_the_deprecation_guard_catches_our_deprecated_calls(pytester):
     pytester.makepyfile(
         """
         import warnings, torch
-        from lumina_hf.tiny import build_tiny_model
+        from lumina_hf.testing_utils import build_tiny_model
 
         def test_ours():
             model = build_tiny_model()

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 import shutil
 
 import huggingface_hub
@@ -31,7 +32,7 @@ from lumina_hf import LuminaMGPTForConditionalGeneration, LuminaMGPTPipeline, Lu
 from lumina_hf import convert_lumina_mgpt as conv
 from lumina_hf.cli import main as cli_main
 from lumina_hf.configuration_lumina_mgpt import LuminaMGPTVQConfig, taming_to_vq_config_dict
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor, build_tiny_tokenizer, tiny_vocabulary
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor, build_tiny_tokenizer, tiny_vocabulary
 
 VOCAB = 65536
 IMG_LO, IMG_HI = 4, 8195
@@ -564,14 +565,15 @@ def test_interrupted_conversion_leaves_nothing(inputs, tmp_path, monkeypatch):
                            max_shard_size="1MB", progress=False)
     assert len(calls) == 2
     assert listing(tmp_path) == set()
-    # an existing output survives a failed overwrite untouched
+    # an existing output (a previous conversion: only those may be overwritten) survives a failed overwrite untouched
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("x")
+    (tmp_path / "out" / "model_index.json").write_text(json.dumps({"_class_name": "LuminaMGPTPipeline"}))
     calls.clear()
     with pytest.raises(RuntimeError, match="simulated"):
         convert_checkpoint(inputs["ckpt"], inputs["vqgan"], tmp_path / "out", target_size=TARGET,
                            max_shard_size="1MB", overwrite=True, progress=False)
-    assert listing(tmp_path) == {"out"} and listing(tmp_path / "out") == {"keep"}
+    assert listing(tmp_path) == {"out"} and listing(tmp_path / "out") == {"keep", "model_index.json"}
 
 
 # ------------------------------------------------------------------------------ 4. bad input
@@ -689,3 +691,70 @@ def test_target_size_required_when_not_in_name(inputs, tmp_path):
     with pytest.raises(ValueError, match="pass --target-size"):
         convert_checkpoint(renamed, vq, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ kills, stale folders, overwrite
+def test_overwrite_refuses_a_folder_that_is_not_a_lumina_output(inputs, tmp_path):
+    unrelated = tmp_path / "my-photos"
+    unrelated.mkdir()
+    (unrelated / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="refusing to overwrite .*my-photos: it is not a lumina_hf pipeline folder"):
+        convert_checkpoint(inputs["ckpt"], inputs["vqgan"], unrelated, target_size=128, overwrite=True, progress=False)
+    assert (unrelated / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_output_has_normal_permissions(inputs, tmp_path):
+    out = convert_checkpoint(inputs["ckpt"], inputs["vqgan"], tmp_path / "o", target_size=128, progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+    assert os.stat(os.path.join(out, "model", "config.json")).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_stale_temp_folders_of_dead_runs_are_removed_and_live_ones_kept(inputs, tmp_path):
+    import subprocess
+
+    out = tmp_path / "o"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / ".o.converting-dead"
+    stale.mkdir()
+    (stale / conv.LOCK_FILE).write_text(dead.stdout)
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / ".o.converting-live"
+    live.mkdir()
+    (live / conv.LOCK_FILE).write_text(f"{os.getpid()}\n")  # a conversion still running (this process)
+    convert_checkpoint(inputs["ckpt"], inputs["vqgan"], out, target_size=128, progress=False)
+    assert not stale.exists() and live.exists()
+    assert listing(tmp_path) == {"o", ".o.converting-live"}
+
+
+KILLED_CONVERSION = """
+import sys, time
+import lumina_hf.convert_lumina_mgpt as conv
+real = conv._write_shard
+def slow(path, tensors):  # a conversion slow enough to be killed in the middle
+    real(path, tensors)
+    print("shard written", flush=True)
+    time.sleep(60)
+conv._write_shard = slow
+conv.convert_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], target_size=128, progress=False, max_shard_size="20MB")
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_killed_conversion_removes_its_temp_folder(inputs, tmp_path, signame):
+    import signal
+    import subprocess
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CONVERSION, str(inputs["ckpt"]), str(inputs["vqgan"]), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "shard written"
+        assert any(p.name.startswith(".o.converting-") for p in tmp_path.iterdir())
+        proc.send_signal(getattr(signal, signame))
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert listing(tmp_path) == set(), listing(tmp_path)  # no temporary folder, no output

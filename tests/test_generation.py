@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from lumina_hf import LuminaMGPTPipeline, text_to_image_prompt
 from lumina_hf.generation_lumina_mgpt import UniRepLogitsProcessor, generate_image_tokens
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
 
 START, END, ROW_END, SIZE_BASE = 8197, 8196, 8803, 8804
 PIL_IMAGE = Image.new("RGB", (64, 64), "red")

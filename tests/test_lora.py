@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from lumina_hf import LuminaMGPTPipeline
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

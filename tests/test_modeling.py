@@ -2,7 +2,7 @@
 
 The references are independent of lumina_hf: transformers' stock `ChameleonForConditionalGeneration`
 holding the same weights, and losses recomputed here with plain torch ops. Everything runs on the tiny
-models of `lumina_hf.tiny` (full 65536 vocabulary, hidden 64); nothing is downloaded.
+models of `lumina_hf.testing_utils` (full 65536 vocabulary, hidden 64); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 import lumina_hf
 from lumina_hf import LuminaMGPTConfig, LuminaMGPTForConditionalGeneration, LuminaMGPTModel
-from lumina_hf.tiny import build_tiny_model, tiny_config, tiny_vocabulary_map
+from lumina_hf.testing_utils import build_tiny_model, tiny_config, tiny_vocabulary_map
 
 VOCAB = 65536
 IMG_LO, IMG_HI = 4, 8195  # image-code token ids, inclusive
@@ -683,3 +683,35 @@ def test_checkpoint_without_vqgan_via_auto_model(tmp_path):
         base.vqmodel.decode_codes(torch.zeros(1, 2, 2, dtype=torch.long))
     model2, info = LuminaMGPTModel.from_pretrained(tmp_path, output_loading_info=True)
     assert "vqmodel.decoder.conv_in.weight" in info["missing_keys"]
+
+
+# ------------------------------------------------------------------ configs and checkpoints that do not match
+@pytest.mark.parametrize(
+    "field,value,error",
+    [("vocab_size", None, "vocab_size"), ("rope_theta", "1e4", "rope_theta"), ("num_hidden_layers", "2", "num_hidden_layers")],
+)
+def test_config_field_of_the_wrong_type_is_refused(tmp_path, field, value, error):
+    from huggingface_hub.errors import StrictDataclassError
+
+    model = build_tiny_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = value
+    config.pop("rope_parameters", None) if field == "rope_theta" else None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises((ValueError, StrictDataclassError), match=error):
+        LuminaMGPTForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_config_with_fewer_layers_than_the_weights_is_refused(tmp_path):
+    build_tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 1  # the weights have 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"no place in the model \(e\.g\. model\.layers\.1\.") as info:
+        LuminaMGPTForConditionalGeneration.from_pretrained(tmp_path)
+    assert "config.json does not describe these weights" in str(info.value)
+    config["num_hidden_layers"] = 3  # more layers than the weights
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"not in the checkpoint \(e\.g\. model\.layers\.2\."):
+        LuminaMGPTForConditionalGeneration.from_pretrained(tmp_path)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lumina_hf.nano import WEIGHTS_DIR, load_nano_pipeline
-from lumina_hf.nano.evaluate import EVAL_SEED, evaluate_shapes
-from lumina_hf.nano.shapes import analyze_image, make_item
+from examples.nano.evaluate import EVAL_SEED, evaluate_shapes
+from examples.nano.shapes import analyze_image, make_item
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_text_to_image_subset_clears_lower_bounds(nano):
 def test_own_description_likelihood_tells_the_shape_color(nano):
     """What `num_candidates` ranks by: on held-out ground-truth images, the model's likelihood of the caption as
     its description must prefer the true shape color over the other four (chance: 1 in 5). Measured: 10 of 12."""
-    from lumina_hf.nano.shapes import COLORS, caption_for
+    from examples.nano.shapes import COLORS, caption_for
 
     proc, hits = nano.processor, 0
     for i in range(12):
@@ -89,7 +89,7 @@ def test_descriptions_are_captions_of_the_shapes_grammar(nano):
     # the nano model describes an image in the training captions' grammar (exact matches: 75% on 60)
     import re
 
-    from lumina_hf.nano.shapes import COLORS, SHAPES
+    from examples.nano.shapes import COLORS, SHAPES
 
     colors, shapes = "|".join(COLORS), "|".join(SHAPES)
     grammar = re.compile(rf"a ({colors}) ({shapes}) on a ({colors}) background")

@@ -7,8 +7,8 @@ import torch
 
 from lumina_hf import LuminaMGPTPipeline, text_to_image_prompt
 from lumina_hf.image_processing_lumina_mgpt import generate_buckets
-from lumina_hf.nano.shapes import COLORS, SHAPES, analyze_image, aspect_size, draw_shape, make_item, mask_iou
-from lumina_hf.tiny import build_compact_tokenizer
+from examples.nano.shapes import COLORS, SHAPES, analyze_image, aspect_size, draw_shape, make_item, mask_iou
+from lumina_hf.testing_utils import build_compact_tokenizer
 
 
 def test_aspect_sizes_are_buckets():
@@ -84,7 +84,7 @@ def test_compact_tokenizer_keeps_real_ids_and_shortens_prompts():
 
 def test_vqgan_trainer_learns_and_saves(tmp_path):
     from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
-    from lumina_hf.training.vqgan import VQGANTrainingConfig, train_vqgan
+    from examples.nano.train_vqgan import VQGANTrainingConfig, train_vqgan
 
     cfg = VQGANTrainingConfig(
         output_dir=str(tmp_path / "vq"), target_sizes=[48], steps=40, batch_size=4, num_embeddings=64,
@@ -110,7 +110,7 @@ def test_vqgan_decoder_only_refinement_keeps_codes(tmp_path):
     (so tokenized data and a language model stay valid); it refuses to start without init_from."""
     from lumina_hf.image_processing_lumina_mgpt import pil_to_tensor
     from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
-    from lumina_hf.training.vqgan import VQGANTrainingConfig, train_vqgan
+    from examples.nano.train_vqgan import VQGANTrainingConfig, train_vqgan
 
     small = dict(target_sizes=[48], batch_size=4, num_embeddings=64, channel_multiplier=[1, 1, 1, 1, 1],
                  restart_dead_codes_every=2)
@@ -137,7 +137,7 @@ def test_vqgan_decoder_only_refinement_keeps_codes(tmp_path):
     assert err_b < err_a
 
 def test_vqgan_lr_schedule():
-    from lumina_hf.training.vqgan import VQGANTrainingConfig
+    from examples.nano.train_vqgan import VQGANTrainingConfig
 
     cfg = VQGANTrainingConfig(output_dir="x", steps=110, learning_rate=1e-3, lr_warmup_steps=10, lr_schedule="cosine",
                               min_lr_ratio=0.1)
@@ -150,7 +150,7 @@ def test_vqgan_lr_schedule():
 
 def test_vqgan_continues_bf16_with_checkpoints(tmp_path):
     from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
-    from lumina_hf.training.vqgan import VQGANTrainingConfig, train_vqgan
+    from examples.nano.train_vqgan import VQGANTrainingConfig, train_vqgan
 
     small = dict(target_sizes=[48], batch_size=2, num_embeddings=64, channel_multiplier=[1, 1, 1, 1, 1])
     first = train_vqgan(VQGANTrainingConfig(output_dir=str(tmp_path / "a"), steps=2, **small), progress=False)
@@ -171,7 +171,7 @@ def test_vqgan_continues_bf16_with_checkpoints(tmp_path):
 
 
 def test_vqgan_config_rejects_unknown_keys(tmp_path):
-    from lumina_hf.training.vqgan import VQGANTrainingConfig
+    from examples.nano.train_vqgan import VQGANTrainingConfig
 
     p = tmp_path / "c.yaml"
     p.write_text("output_dir: x\nstepz: 3\n")
@@ -182,8 +182,8 @@ def test_vqgan_config_rejects_unknown_keys(tmp_path):
 def _tiny_nano_init(tmp_path, num_hidden_layers: int) -> None:
     """`tmp_path/vq` (an untrained small VQGAN) and `tmp_path/init` (`init_model` around it, a tiny LM)."""
     from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
-    from lumina_hf.nano.build import init_model
-    from lumina_hf.training.vqgan import VQGANTrainingConfig
+    from examples.nano.build import init_model
+    from examples.nano.train_vqgan import VQGANTrainingConfig
 
     cfg = VQGANTrainingConfig(output_dir="unused", num_embeddings=64, channel_multiplier=[1, 1, 1, 1, 1])
     LuminaMGPTVQGAN(cfg.vq_config()).save_pretrained(tmp_path / "vq")
@@ -193,7 +193,7 @@ def _tiny_nano_init(tmp_path, num_hidden_layers: int) -> None:
 
 def test_build_init_and_export(tmp_path):
     from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
-    from lumina_hf.nano.build import export
+    from examples.nano.build import export
 
     _tiny_nano_init(tmp_path, num_hidden_layers=1)
     pipe = LuminaMGPTPipeline.from_pretrained(tmp_path / "init")
@@ -235,7 +235,7 @@ def test_export_can_store_the_vq_decoder_in_bf16(tmp_path):
     fp32 (same codes), every VQGAN weight loads back as fp32 equal to the stored (rounded) value."""
     from safetensors import safe_open
 
-    from lumina_hf.nano.build import export
+    from examples.nano.build import export
 
     _tiny_nano_init(tmp_path, num_hidden_layers=1)
     export(str(tmp_path / "init"), str(tmp_path / "small"), dtype="bfloat16", vq_decoder_dtype="bfloat16",
@@ -263,7 +263,7 @@ def test_export_can_store_the_vq_decoder_in_bf16(tmp_path):
 
 
 def test_grow_keeps_the_function_and_adds_trainable_blocks(tmp_path):
-    from lumina_hf.nano.build import grow_model
+    from examples.nano.build import grow_model
 
     _tiny_nano_init(tmp_path, num_hidden_layers=2)
     src = LuminaMGPTPipeline.from_pretrained(tmp_path / "init")
@@ -299,7 +299,7 @@ def test_grow_keeps_the_function_and_adds_trainable_blocks(tmp_path):
 def test_exported_omni_top_k_drives_image_to_image_sampling(tmp_path):
     """`export(omni_image_top_k=1)` makes segmentation greedy (seed-independent); text-to-image keeps its own top-k;
     without it, the reference's top-k 200 samples and the seed matters."""
-    from lumina_hf.nano.build import export
+    from examples.nano.build import export
 
     _tiny_nano_init(tmp_path, num_hidden_layers=1)
     export(str(tmp_path / "init"), str(tmp_path / "greedy"), target_size=64, omni_image_top_k=1, omni_guidance_scale=1.5)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lumina_hf import LuminaMGPTPipeline
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
 
 SHA = "a" * 40
 

@@ -31,7 +31,7 @@ from lumina_hf.processing_lumina_mgpt import (
     MalformedImageSpanError,
     text_to_image_prompt,
 )
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference implementation (from SPEC.md, independent of the library)

@@ -13,10 +13,15 @@ from torch.overrides import TorchFunctionMode
 
 import lumina_hf.speculative as speculative
 from lumina_hf import LuminaMGPTPipeline, text_to_image_prompt
-from lumina_hf.generation_lumina_mgpt import generate_image_tokens, grid_tokens
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor
+from lumina_hf.generation_lumina_mgpt import generate_image_tokens
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
+from lumina_hf.unirep import UniRepLayout
 
 END = 8196
+
+
+def grid_tokens(rows: int, cols: int) -> int:
+    return UniRepLayout.grid_length(rows, cols)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ Everything runs on CPU with the tiny model (real token ids, 65536-token vocabula
 
 import glob
 import json
+import logging
 import os
 
 import pytest
@@ -15,7 +16,7 @@ from transformers import TrainerCallback
 
 from lumina_hf import LuminaMGPTPipeline, LuminaMGPTProcessor, text_to_image_prompt
 from lumina_hf.generation_lumina_mgpt import generate_image_tokens
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor, tiny_config
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor, tiny_config
 from lumina_hf.training import (
     LuminaMGPTDataCollator,
     build_datasets,
@@ -248,7 +249,7 @@ class _StopAt(TrainerCallback):
         return control
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, caplog):
     common = dict(max_steps=6, save_steps=3, save_strategy="steps", dropout=0.0, dataloader_num_workers=0, learning_rate=3e-3)
     processor = build_tiny_processor(TARGET)
 
@@ -267,8 +268,18 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert sorted(losses(interrupted)) == [1, 2, 3]
     assert os.path.isdir(tmp_path / "b" / "checkpoint-3")
 
-    # resume_from_checkpoint: true picks the latest checkpoint-N of output_dir
-    resumed = run_recipe(parse_recipe(tiny_recipe(tmp_path / "b", resume_from_checkpoint=True, **common)))
+    # a later checkpoint cut short by a kill while saving (only config.json written) is skipped, and an explicit
+    # resume from it is refused
+    broken = tmp_path / "b" / "checkpoint-5"
+    broken.mkdir()
+    (broken / "config.json").write_text((tmp_path / "b" / "checkpoint-3" / "config.json").read_text())
+    with pytest.raises(ValueError, match="checkpoint-5 is not a complete checkpoint"):
+        run_recipe(parse_recipe(tiny_recipe(tmp_path / "b", resume_from_checkpoint=str(broken), **common)))
+    # resume_from_checkpoint: true picks the latest complete checkpoint-N of output_dir, and says which
+    with caplog.at_level(logging.INFO, logger="lumina_hf"):
+        resumed = run_recipe(parse_recipe(tiny_recipe(tmp_path / "b", resume_from_checkpoint=True, **common)))
+    assert any("resuming from" in r.message and r.message.rstrip(")").endswith("(step 3") for r in caplog.records)
+    assert any("skipped incomplete checkpoint(s) checkpoint-5" in r.message for r in caplog.records)
     after = losses(resumed.trainer)  # the checkpoint's history (steps 1-3) plus the steps trained after resuming
     assert sorted(after) == [1, 2, 3, 4, 5, 6] and resumed.trainer.state.global_step == 6
     for step in (4, 5, 6):
@@ -472,3 +483,63 @@ def test_length_grouped_order_equals_transformers_sampler_order():
         theirs = get_length_grouped_indices(lengths, batch, generator=torch.Generator().manual_seed(3))
         assert ours == theirs, (n, batch)
         assert sorted(ours) == list(range(n)) and lengths[ours[0]] == max(lengths)
+
+
+# ----------------------------------------------------------------------------------------------- bad input, early
+def test_bad_recipes_and_data_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    import lumina_hf.training.runner as runner
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the recipe and the data were checked")
+
+    monkeypatch.setattr(runner, "load_model_and_processor", no_model)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model_name_or_path: tiny-random\nlearning_rate: [1,\n")
+    with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML \(line 3"):
+        parse_recipe(str(broken))
+    with pytest.raises(ValueError, match="missing.yaml does not exist"):
+        parse_recipe(str(tmp_path / "missing.yaml"))
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        with pytest.raises(ValueError, match=f"{key} must be an integer >= 1"):
+            parse_recipe(tiny_recipe(tmp_path / "out", **{key: 0}))
+
+    def saved(name, rows):
+        path = tmp_path / name
+        Dataset.from_dict(rows).save_to_disk(str(path))
+        return str(path)
+
+    empty = saved("empty", {"input_ids": [], "labels": []})
+    foreign = saved("foreign", {"input_ids": [[0, 5, 70000, 8710]], "labels": [[-100, 5, 70000, 8710]]})
+    for path, message in ((empty, "is empty"), (foreign, r"token ids span 0\.\.70000, outside the model's vocabulary")):
+        recipe = parse_recipe(tiny_recipe(tmp_path / "out", dataset_mixture=[{"path": path, "weight": 1.0}]))
+        with pytest.raises(ValueError, match=message):
+            run_recipe(recipe)
+    assert not (tmp_path / "out").exists()  # nothing written for a refused run
+
+
+@pytest.mark.cuda
+def test_fused_liger_loss_equals_the_chunked_loss_on_cuda():
+    """On a GPU with liger-kernel: the fused loss has the chunked loss's value and gradients (CE + weighted z-loss)."""
+    from lumina_hf.training.trainer import chunked_lm_loss, fused_lm_loss, liger_available
+
+    if not liger_available():
+        pytest.skip("needs CUDA and liger-kernel (pip install liger-kernel)")
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 33, 64, generator=g).cuda().requires_grad_()
+    weight = (0.1 * torch.randn(1000, 64, generator=g)).cuda().requires_grad_()
+    labels = torch.randint(0, 1000, (2, 33), generator=g).cuda()
+    labels[0, :5] = -100
+    w = 1e-2
+    results = []
+    for fn in (lambda: chunked_lm_loss(hidden, weight, labels, 16), lambda: fused_lm_loss(hidden, weight, labels, w)):
+        parts = fn()
+        total = parts["nll_sum"] + w * parts["z_sum"]
+        grads = torch.autograd.grad(total, (hidden, weight))
+        results.append((total.detach(), parts["z_sum"].detach(), grads))
+    (a, za, ga), (b, zb, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(za, zb, rtol=1e-4, atol=1e-3)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)

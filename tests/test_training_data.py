@@ -20,7 +20,7 @@ import torch
 
 import lumina_hf  # noqa: F401
 from lumina_hf.processing_lumina_mgpt import text_to_image_prompt
-from lumina_hf.tiny import build_tiny_model, build_tiny_processor
+from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
 from lumina_hf.training import data as data_mod
 from lumina_hf.training import load_vq_model, minimum_max_length, tokenize_dataset
 

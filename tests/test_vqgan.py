@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from lumina_hf import LuminaMGPTVQConfig, LuminaMGPTVQGAN
-from lumina_hf.configuration_lumina_mgpt import image_code_token_name
-from lumina_hf.tiny import build_tiny_model, tiny_vocabulary
+from lumina_hf.unirep import image_code_token_name
+from lumina_hf.testing_utils import build_tiny_model, tiny_vocabulary
 
 TINY_VQ = dict(
     embed_dim=32,

@@ -17,10 +17,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import ChameleonConfig
 from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
 
-logger = logging.getLogger(__name__)
+from .unirep import UniRepLayout, image_code_table, image_code_token_name
 
-IMAGE_TOKEN_PREFIX = "IMGIMG"
-IMAGE_TOKEN_SUFFIX = "Z"
+logger = logging.getLogger(__name__)
 
 # taming-transformers key -> transformers ChameleonVQVAEConfig key
 _TAMING_VQ_KEYS = {
@@ -32,27 +31,6 @@ _TAMING_VQ_KEYS = {
     "in_channels": "in_channels",
     "out_ch": "out_channels",
 }
-
-
-def image_code_token_name(code: int) -> str:
-    """Name of the vocabulary entry for VQ code `code`: decimal digits written as letters A..J.
-
-    >>> image_code_token_name(123)
-    'IMGIMGBCDZ'
-    """
-    if code < 0:
-        raise ValueError(f"image codes are non-negative, got {code}")
-    return IMAGE_TOKEN_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + IMAGE_TOKEN_SUFFIX
-
-
-def parse_image_code_token_name(name: str) -> int | None:
-    """Inverse of `image_code_token_name`; None for names that are not image-code tokens."""
-    if not (name.startswith(IMAGE_TOKEN_PREFIX) and name.endswith(IMAGE_TOKEN_SUFFIX)):
-        return None
-    letters = name[len(IMAGE_TOKEN_PREFIX) : -len(IMAGE_TOKEN_SUFFIX)]
-    if not letters or any(not ("A" <= c <= "J") for c in letters):
-        return None
-    return int("".join(str(ord(c) - ord("A")) for c in letters))
 
 
 def taming_to_vq_config_dict(vq: dict[str, Any]) -> dict[str, Any]:
@@ -168,6 +146,13 @@ class LuminaMGPTConfig(ChameleonConfig):
             self.vocabulary_map["<image>"] = self.image_placeholder_token_id
         super().__post_init__(**kwargs)
         self.validate_unirep_ids()
+        self.validate_rope()
+
+    def validate_rope(self) -> None:
+        """`rope_theta` must be a positive number (a string such as "1e4" would only fail deep inside the model)."""
+        theta = (self.rope_parameters or {}).get("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ValueError(f"rope_theta must be a positive number (10000.0 for Lumina-mGPT), got {theta!r} in the config.")
 
     # ------------------------------------------------------------------ UniRep helpers
     def validate_unirep_ids(self) -> None:
@@ -221,19 +206,8 @@ class LuminaMGPTConfig(ChameleonConfig):
             raise ValueError(f"patch_size={self.patch_size} must be a multiple of the VQGAN factor 16.")
 
     def image_code_to_token_id(self) -> list[int]:
-        """List mapping VQ code -> token id, built from `vocabulary_map` (length = codebook size)."""
-        n = self.vq_config.num_embeddings
-        table = [-1] * n
-        for name, tid in self.vocabulary_map.items():
-            code = parse_image_code_token_name(name)
-            if code is not None and code < n:
-                table[code] = int(tid)
-        missing = [c for c, t in enumerate(table) if t < 0]
-        if missing:
-            raise ValueError(
-                f"vocabulary_map has no token for image codes {missing[:5]}{'...' if len(missing) > 5 else ''} "
-                f"(the VQGAN codebook has {n} entries): the vocabulary and the VQGAN do not match."
-            )
+        """List mapping VQ code -> token id, read from `vocabulary_map` (length = codebook size)."""
+        table = image_code_table(self.vocabulary_map, self.vq_config.num_embeddings)
         bad = [t for t in table if not (self.image_code_id_start <= t <= self.image_code_id_end)]
         if bad:
             raise ValueError(
@@ -242,10 +216,15 @@ class LuminaMGPTConfig(ChameleonConfig):
             )
         return table
 
+    @property
+    def unirep(self) -> UniRepLayout:
+        """The UniRep layout (token ids, size units) this config describes."""
+        return UniRepLayout.from_config(self)
+
     def size_token_id(self, units: int) -> int:
         if not 1 <= units <= self.max_size_units:
             raise ValueError(f"an image side of {units} grid units is outside 1..{self.max_size_units}.")
         return self.size_token_base_id + units
 
 
-__all__ = ["LuminaMGPTConfig", "LuminaMGPTVQConfig", "image_code_token_name", "parse_image_code_token_name"]
+__all__ = ["LuminaMGPTConfig", "LuminaMGPTVQConfig"]

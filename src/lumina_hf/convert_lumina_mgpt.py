@@ -29,15 +29,18 @@ import logging
 import os
 import re
 import shutil
-import sys
+import signal
 import tempfile
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .configuration_lumina_mgpt import LuminaMGPTConfig, parse_image_code_token_name, taming_to_vq_config_dict
+from .configuration_lumina_mgpt import LuminaMGPTConfig, taming_to_vq_config_dict
+from .unirep import parse_image_code_token_name
 
 logger = logging.getLogger(__name__)
 
@@ -649,6 +652,81 @@ release (the VQGAN and tokenizer, Chameleon research license).
     return "\n".join(front) + "\n" + body
 
 
+LOCK_FILE = ".lumina-convert.pid"  # in a conversion's temporary folder: the PID of the process writing it
+
+
+def _temp_prefix(output: str) -> str:
+    return f".{os.path.basename(output)}.converting-"
+
+
+def is_lumina_output(folder: str) -> bool:
+    """Whether `folder` is a pipeline folder that lumina_hf wrote (what `--overwrite` may replace)."""
+    try:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("_class_name") == "LuminaMGPTPipeline"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_folders(output: str) -> list[str]:
+    """Remove the temporary folders that killed conversions to `output` left behind (their process is gone);
+    returns what was removed. A folder whose process still runs is left alone."""
+    parent, prefix = os.path.dirname(output), _temp_prefix(output)
+    removed = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        folder = os.path.join(parent, name)
+        if not (name.startswith(prefix) and os.path.isdir(folder)):
+            continue
+        try:
+            with open(os.path.join(folder, LOCK_FILE), encoding="utf-8") as fh:
+                pid = int(fh.read().strip())
+        except (OSError, ValueError):
+            pid = None  # killed before it wrote its PID (or not ours to judge): stale once it is an hour old
+            if time.time() - os.path.getmtime(folder) < 3600:
+                continue
+        if pid is not None and _pid_alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        logger.warning("removed %s, left behind by an interrupted conversion", folder)
+    return removed
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _interrupt_on_termination():
+    """While converting, SIGTERM (and SIGHUP) interrupt like Ctrl-C, so the temporary folder is removed on the way
+    out. Returns a function that restores the previous handlers (a no-op outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, interrupt) for sig in wanted}
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
 def _install(tmp: str, output: str, overwrite: bool) -> None:
     """Move the finished `tmp` folder to `output` (replacing it with `overwrite`)."""
     old = None
@@ -709,6 +787,11 @@ def convert_checkpoint(
     output = os.path.abspath(os.path.expanduser(os.fspath(output)))
     if os.path.lexists(output) and not overwrite:
         raise ValueError(f"output {output} already exists: pass --overwrite (overwrite=True) to replace it.")
+    if os.path.lexists(output) and not is_lumina_output(output):
+        raise ValueError(
+            f"refusing to overwrite {output}: it is not a lumina_hf pipeline folder (no model_index.json naming "
+            "LuminaMGPTPipeline). Remove it yourself or choose another --output."
+        )
     out_dtype = _resolve_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     vqgan_dir = os.path.abspath(os.path.expanduser(os.fspath(vqgan)))
@@ -769,7 +852,11 @@ def convert_checkpoint(
     # ---- write into a temporary folder next to the output, then move it into place
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.converting-", dir=parent)
+    remove_stale_temp_folders(output)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(output), dir=parent)
+    with open(os.path.join(tmp, LOCK_FILE), "w", encoding="utf-8") as fh:
+        fh.write(f"{os.getpid()}\n")
+    restore_signals = _interrupt_on_termination()
     try:
         model_dir = os.path.join(tmp, "model")
         os.makedirs(model_dir)
@@ -786,57 +873,17 @@ def convert_checkpoint(
             f.write("\n")
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(_model_card(source, base_model, config, int(target_size), output))
+        os.remove(os.path.join(tmp, LOCK_FILE))
+        os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it private; the output gets normal permissions
         _install(tmp, output, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        restore_signals()
     logger.info("converted %s -> %s", source, output)
     return output
 
 
-# ------------------------------------------------------------------------------------------ CLI
-def _run_cli(args) -> int:
-    try:
-        out = convert_checkpoint(
-            args.checkpoint,
-            args.vqgan,
-            args.output,
-            tokenizer=args.tokenizer,
-            target_size=args.target_size,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            revision=args.revision,
-            progress=not args.no_progress,
-        )
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
-    sys.stdout.write(f"{out}\n")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Add `lumina-hf convert` to the `lumina-hf` command line."""
-    p = subparsers.add_parser(
-        "convert",
-        help="convert a published Lumina-mGPT checkpoint + Meta's VQGAN into one lumina_hf folder",
-        description=(
-            "Convert a published Lumina-mGPT checkpoint (folder or Hub id) and Meta's Chameleon VQGAN "
-            "(vqgan.yaml + vqgan.ckpt) into a self-contained lumina_hf pipeline folder."
-        ),
-    )
-    p.add_argument("--checkpoint", required=True, help="Alpha-VLLM checkpoint folder or Hub id (config.json + safetensors)")
-    p.add_argument("--vqgan", required=True, help="Meta's Chameleon tokenizer/ folder with vqgan.yaml and vqgan.ckpt")
-    p.add_argument("--output", "-o", required=True, help="folder to create")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json or Meta's text_tokenizer.json (default: searched in --checkpoint, then --vqgan)")
-    p.add_argument("--target-size", type=int, default=None, help="image bucket target size: 512, 768 or 1024 (default: from the checkpoint's name)")
-    p.add_argument("--dtype", default="bfloat16", choices=[*DTYPES, "auto"], help="language-model dtype (the VQGAN stays float32)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB (also bounds memory use)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    p.add_argument("--revision", default=None, help="Hub revision when --checkpoint is a Hub id")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_cli)
-
-
-__all__ = ["convert_checkpoint", "add_cli", "parse_size", "load_tokenizer", "read_vqgan_yaml", "load_vqgan_state_dict"]
+__all__ = ["convert_checkpoint", "parse_size", "load_tokenizer", "read_vqgan_yaml", "load_vqgan_state_dict"]
 

@@ -1,4 +1,4 @@
-"""Guided image decoding for Lumina-mGPT (SPEC.md section 6), on public transformers APIs only
+"""Guided image decoding for Lumina-mGPT, on public transformers APIs only
 (the model's `forward`, `StaticCache`, `LogitsProcessor`).
 
 Why our own loop instead of `model.generate(guidance_scale=...)`: transformers runs the unconditional
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, StaticCache
+
+from .unirep import VQ_FACTOR
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +78,6 @@ def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def grid_tokens(rows: int, cols: int) -> int:
-    """Tokens after the size tokens: every row plus its row end, then the image end."""
-    return rows * (cols + 1) + 1
-
-
 class UniRepLogitsProcessor(LogitsProcessor):
     """Grid constraint and interleaved top-k for `model.generate` (no guidance): inside an open image (after
     `<racm3:break>` and before `<eoss>`), the two size tokens are limited to size ids and sampled with
@@ -112,7 +109,7 @@ class UniRepLogitsProcessor(LogitsProcessor):
         start_c = last_start.clamp(min=0)
         h_tok = input_ids.gather(1, (start_c + 1).clamp(max=n - 1).unsqueeze(1)).squeeze(1)
         w_tok = input_ids.gather(1, (start_c + 2).clamp(max=n - 1).unsqueeze(1)).squeeze(1)
-        f = cfg.patch_size // 16
+        f = cfg.patch_size // VQ_FACTOR  # image codes per size unit
         rows = (h_tok - cfg.size_token_base_id).clamp(min=1) * f
         cols = (w_tok - cfg.size_token_base_id).clamp(min=1) * f
         pos = k - 2  # position inside the grid
@@ -148,13 +145,6 @@ def _left_pad(contexts: list[list[int]], pad_id: int, total: int, device):
         mask[i, : n - len(c)] = 0
     pos = (mask[:, :n].cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), pos.to(device)
-
-
-def _step_kinds(rows: int, cols: int, n_steps: int) -> list[str]:
-    """What each decoding step of a `rows x cols` grid writes: "code", "row_end" (after every `cols` codes) or
-    "end" (after the last row end)."""
-    grid = rows * (cols + 1)
-    return ["end" if s >= grid else ("row_end" if s % (cols + 1) == cols else "code") for s in range(n_steps)]
 
 
 class _DecodeStep:
@@ -206,8 +196,8 @@ def _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator
         ids = torch.cat([ids, tok[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(tok[:, None])], 1)
         pos = torch.cat([pos, pos[:, -1:] + 1], 1)
-    f = cfg.patch_size
-    return [((int(h) - cfg.size_token_base_id) * f, (int(w) - cfg.size_token_base_id) * f) for h, w in zip(*picked)]
+    layout = cfg.unirep
+    return [(layout.size_from_token(h), layout.size_from_token(w)) for h, w in zip(*picked)]
 
 
 @torch.no_grad()
@@ -229,7 +219,8 @@ def generate_image_tokens(
     progress_bar=None,
     speculative_window: int | None = None,
 ) -> ImageGenerationOutput:
-    """Generate one image per prompt with classifier-free guidance (SPEC.md section 6).
+    """Generate one image per prompt with classifier-free guidance (Lumina-mGPT's sampler: guidance on raw logits
+    inside the image, the UniRep grid constraint, image top-k, temperature).
 
     Args:
         prompts: token id lists, each the full conditional context up to and including the last user
@@ -267,8 +258,7 @@ def generate_image_tokens(
         raise ValueError(f"{len(negative_prompts)} negative prompts for {batch} prompts: give one per prompt.")
     generator = normalize_generators(generator, batch)
     device = model.device
-    patch = cfg.patch_size
-    f = model.vqmodel.downsample_factor
+    layout = cfg.unirep
     if speculative_window is not None:
         if isinstance(speculative_window, bool) or not isinstance(speculative_window, int) or speculative_window < 0:
             raise ValueError(
@@ -279,12 +269,12 @@ def generate_image_tokens(
     if force_size:
         if height is None or width is None:
             raise ValueError("height and width are required when force_size=True.")
-        for name, v in (("height", height), ("width", width)):
-            if v % patch or not 1 <= v // patch <= cfg.max_size_units:
-                raise ValueError(f"{name}={v} must be a multiple of {patch} px between {patch} and {patch * cfg.max_size_units}.")
+        layout.size_units(height, "height")
+        layout.size_units(width, "width")
         sizes = [(height, width)] * batch
     # the span of the largest image the call can make: the requested size, or the largest the model may sample
-    most = grid_tokens(height // f, width // f) if force_size else grid_tokens(*(cfg.max_size_units * patch // f,) * 2)
+    largest_side = layout.max_size_units * layout.patch_size
+    most = layout.grid_length(*layout.grid_shape(*((height, width) if force_size else (largest_side,) * 2)))
     if speculative_window and speculative_window > most:
         raise ValueError(
             f"speculative_window={speculative_window} is larger than the image span ({most} tokens after the size "
@@ -297,7 +287,7 @@ def generate_image_tokens(
     if speculative_window:
         from .speculative import speculative_generate
 
-        largest = max(grid_tokens(h // f, w // f) for h, w in sizes)
+        largest = max(layout.grid_length(*layout.grid_shape(h, w)) for h, w in sizes)
         if speculative_window > largest:
             logger.info("speculative_window %d > the sampled images' span %d: using %d", speculative_window, largest, largest)
         return speculative_generate(
@@ -308,12 +298,12 @@ def generate_image_tokens(
         )
 
     # The step schedule is planned here from Python ints, so the decode loop never reads the device.
-    grid_rows = [h // f for h, _ in sizes]
-    grid_cols = [w // f for _, w in sizes]
+    grid_rows = [layout.grid_shape(h, w)[0] for h, w in sizes]
+    grid_cols = [layout.grid_shape(h, w)[1] for h, w in sizes]
     uniform = len(set(sizes)) == 1
-    span = [grid_tokens(h // f, w // f) for h, w in sizes]
+    span = [layout.grid_length(*layout.grid_shape(h, w)) for h, w in sizes]
     n_steps = max(span)
-    prefixes = [[cfg.image_start_token_id, cfg.size_token_id(h // patch), cfg.size_token_id(w // patch)] for h, w in sizes]
+    prefixes = [layout.prefix(h, w) for h, w in sizes]
 
     use_cfg = guidance_scale != 1.0
     contexts = [list(p) + pre for p, pre in zip(prompts, prefixes)]
@@ -335,7 +325,7 @@ def generate_image_tokens(
     out_tokens = torch.full((batch, n_steps), cfg.image_end_token_id, dtype=torch.long, device=device)
     row_end = torch.full((batch,), cfg.image_row_end_token_id, dtype=torch.long, device=device)
     end = torch.full((batch,), cfg.image_end_token_id, dtype=torch.long, device=device)
-    schedule = _step_kinds(grid_rows[0], grid_cols[0], n_steps) if uniform else ["mixed"] * n_steps
+    schedule = layout.step_kinds(grid_rows[0], grid_cols[0], n_steps) if uniform else ["mixed"] * n_steps
     if not uniform:  # per-row grid shapes, on the device once, for the per-step masks
         rows_t = torch.tensor(grid_rows, device=device)
         cols_t = torch.tensor(grid_cols, device=device)

@@ -130,6 +130,30 @@ class LuminaMGPTSwinDecoderLayer(ChameleonSwinDecoderLayer):
         return (residual + hidden_states,)
 
 
+def _check_language_model_weights(model, source, info: dict, vq_prefix: str | None) -> None:
+    """Missing or unexpected language-model weights mean the config does not describe the checkpoint (e.g. fewer
+    layers than the weights have): refuse instead of computing with random or dropped layers. A missing VQGAN is
+    allowed (the published checkpoints have none) and reported separately; the LM head of a full checkpoint is
+    expected to be left out when only the base model is loaded."""
+    def language(keys):
+        return sorted(k for k in keys if not (vq_prefix and k.startswith(vq_prefix)))
+
+    missing = language(info.get("missing_keys", ()))
+    unexpected = language(info.get("unexpected_keys", ()))
+    if model.get_output_embeddings() is None:
+        unexpected = [k for k in unexpected if not k.startswith("lm_head.")]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weights the config needs are not in the checkpoint (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} weights of the checkpoint have no place in the model (e.g. {unexpected[0]})")
+        raise ValueError(
+            f"{source}: {' and '.join(parts)}: its config.json does not describe these weights (layer count, sizes). "
+            "Use the config the checkpoint was saved with."
+        )
+
+
 class LuminaMGPTPreTrainedModel(ChameleonPreTrainedModel):
     config: LuminaMGPTConfig
     base_model_prefix = "model"
@@ -166,6 +190,7 @@ class LuminaMGPTPreTrainedModel(ChameleonPreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         prefix = model._vqmodel_prefix()
+        _check_language_model_weights(model, pretrained_model_name_or_path, info, prefix)
         if prefix is None:
             return (model, info) if want_info else model
         missing = tuple(sorted(k[len(prefix) :] for k in info.get("missing_keys", ()) if k.startswith(prefix)))

@@ -1,6 +1,7 @@
 """`LuminaMGPTPipeline`: the diffusers pipeline for Lumina-mGPT (text-to-image and Omni image tasks)."""
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
-from .generation_lumina_mgpt import UniRepLogitsProcessor, generate_image_tokens, grid_tokens
+from .generation_lumina_mgpt import UniRepLogitsProcessor, generate_image_tokens
 from .lora import LuminaMGPTLoraLoaderMixin
 from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
 from .processing_lumina_mgpt import IMAGE_MARKER, OMNI_TASK_PROMPTS, LuminaMGPTProcessor, text_to_image_prompt
@@ -88,12 +89,22 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
 
     # ------------------------------------------------------------------ helpers
     def _default(self, name: str, task: str | None):
+        """The sampling default `name`: the model's `generation_config` value when it sets one (checked), else the
+        reference's. Omni image-to-image tasks read `omni_<name>` for guidance and top-k."""
         gen = getattr(self.model, "generation_config", None)
-        if task in IMAGE_TASKS and name in OMNI_DEFAULTS:
-            value = getattr(gen, f"omni_{name}", None) if gen is not None else None
-            return OMNI_DEFAULTS[name] if value is None else value
-        value = getattr(gen, name, None) if gen is not None else None
-        return DEFAULTS[name] if value is None else value
+        key = f"omni_{name}" if task in IMAGE_TASKS and name in OMNI_DEFAULTS else name
+        fallback = OMNI_DEFAULTS[name] if key != name else DEFAULTS[name]
+        value = getattr(gen, key, None) if gen is not None else None
+        if value is None:
+            return fallback
+        try:
+            if name in ("image_top_k", "text_top_k", "num_candidates"):
+                _check_int(key, value, minimum=1)
+            else:
+                _check_number(key, value, minimum=0.0, strict=name == "temperature")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the model's generation_config is invalid: {err} Fix generation_config.json.") from None
+        return value
 
     @property
     def interrupt(self) -> bool:
@@ -102,73 +113,75 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
     def check_inputs(
         self, prompt, negative_prompt, height, width, guidance_scale, num_images_per_prompt, generator, top_k,
         temperature, image, task, output_type, callback_on_step_end_tensor_inputs, num_candidates=None,
-        speculative_window=None,
+        max_new_tokens=256, speculative_window=None,
     ) -> None:
+        """Every argument checked before any work: a `ValueError` naming the argument and what it accepts."""
         if task is not None and task not in IMAGE_TASKS + TEXT_TASKS:
             raise ValueError(f"task={task!r} is not one of {', '.join(IMAGE_TASKS + TEXT_TASKS)}.")
         if task is not None and image is None:
             raise ValueError(f"task={task!r} needs an input image: pass `image=`.")
+        if task is None and image is not None:
+            raise ValueError(
+                f"an image was given without a task: pass task= one of {', '.join(IMAGE_TASKS + TEXT_TASKS)} "
+                "(text-to-image takes no input image)."
+            )
         if task in ("editing", "condition", "detection") and prompt is None:
             raise ValueError(f"task={task!r} needs `prompt` (the instruction, caption or object).")
         if task is None and prompt is None:
             raise ValueError("give a `prompt` (or an `image` with a `task`).")
-        if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
+        n = _check_texts("prompt", prompt, allow_empty=task is not None) if prompt is not None else None
+        if image is not None:
+            n_images = _check_images(image)
+            if n is not None and n != n_images:
+                raise ValueError(f"{n_images} images for {n} prompts: give one image per prompt.")
+            n = n_images
+        if negative_prompt is not None:
+            n_neg = _check_texts("negative_prompt", negative_prompt, allow_empty=True)
+            if isinstance(negative_prompt, list) and n_neg != n:
+                raise ValueError(f"{n_neg} negative prompts for {n} prompts: give one per prompt or a string.")
+        _check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        _check_int("max_new_tokens", max_new_tokens, minimum=1)
         if num_candidates is not None:
-            if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-                raise ValueError(f"num_candidates must be an integer >= 1, got {num_candidates!r}.")
+            _check_int("num_candidates", num_candidates, minimum=1)
             if task is not None and num_candidates > 1:
                 raise ValueError(
                     f"num_candidates={num_candidates} ranks text-to-image candidates by the prompt; task={task!r} "
                     "has no caption to rank by: leave num_candidates unset."
                 )
-        if speculative_window is not None:
-            if isinstance(speculative_window, bool) or not isinstance(speculative_window, int) or speculative_window < 0:
-                raise ValueError(
-                    f"speculative_window must be an integer >= 0 (tokens per forward; 0 or None for plain decoding), "
-                    f"got {speculative_window!r}."
-                )
-            if task in TEXT_TASKS and speculative_window:
-                raise ValueError(
-                    f"speculative_window is for image outputs; task={task!r} answers in text, which is decoded token by "
-                    "token: leave speculative_window unset."
-                )
-            if height is not None and width is not None and task not in TEXT_TASKS:
-                f = self.model.vqmodel.downsample_factor
-                span = grid_tokens(height // f, width // f)
-                if speculative_window > span:
-                    raise ValueError(
-                        f"speculative_window={speculative_window} is larger than the image span ({span} tokens after the "
-                        f"size tokens at {width}x{height}): use at most {span}."
-                    )
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}.")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        _check_number("guidance_scale", guidance_scale, minimum=0.0)
+        _check_number("temperature", temperature, minimum=0.0, strict=True)
+        if top_k is not None:
+            _check_int("top_k", top_k, minimum=1)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if height is not None or width is not None:
             if height is None or width is None:
                 raise ValueError("give both height and width, or neither.")
+            _check_int("height", height, minimum=1)
+            _check_int("width", width, minimum=1)
             self.processor.image_processor.check_size(width, height)
-        n = (len(prompt) if isinstance(prompt, list) else 1) if prompt is not None else (
-            len(image) if isinstance(image, list) else 1
-        )
-        if isinstance(negative_prompt, list) and len(negative_prompt) != n:
-            raise ValueError(f"{len(negative_prompt)} negative prompts for {n} prompts: give one per prompt or a string.")
-        if isinstance(generator, list) and len(generator) != n * num_images_per_prompt:
-            raise ValueError(
-                f"got {len(generator)} generators for {n * num_images_per_prompt} images "
-                f"({n} prompts x {num_images_per_prompt}): give one per image or a single generator."
-            )
+        if speculative_window is not None:
+            _check_int("speculative_window", speculative_window, minimum=0)
+            if task in TEXT_TASKS and speculative_window:
+                raise ValueError(
+                    f"speculative_window is for image outputs; task={task!r} answers in text, which is decoded token by "
+                    "token: leave speculative_window unset."
+                )
+            if height is not None and task not in TEXT_TASKS:
+                layout = self.model.config.unirep
+                span = layout.grid_length(*layout.grid_shape(height, width))
+                if speculative_window > span:
+                    raise ValueError(
+                        f"speculative_window={speculative_window} is larger than the image span ({span} tokens after the "
+                        f"size tokens at {width}x{height}): use at most {span}."
+                    )
+        _check_generators(generator, n * num_images_per_prompt, n)
         if callback_on_step_end_tensor_inputs is not None:
             bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if bad:
                 raise ValueError(f"callback tensor inputs {bad} are not among {self._callback_tensor_inputs}.")
+        if negative_prompt is not None and guidance_scale == 1.0:
+            logger.warning("negative_prompt is ignored: guidance_scale=1.0 runs no unconditional branch.")
 
     def _task_text(self, task: str, prompt: str | None) -> str:
         if task == "editing":
@@ -253,11 +266,17 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
         image_top_k = (self._default("image_top_k", task) if task != "describe" else None) if top_k is None else top_k
         self.check_inputs(
             prompt, negative_prompt, height, width, guidance_scale, num_images_per_prompt, generator, top_k,
-            temperature, image, task, output_type, callback_on_step_end_tensor_inputs, num_candidates,
+            temperature, image, task, output_type, callback_on_step_end_tensor_inputs, num_candidates, max_new_tokens,
             speculative_window,
         )
-        if speculative_window is None and task not in TEXT_TASKS:
+        window_is_default = speculative_window is None
+        if window_is_default and task not in TEXT_TASKS:
             speculative_window = getattr(getattr(self.model, "generation_config", None), "speculative_window", None)
+            if speculative_window is not None:
+                try:
+                    _check_int("speculative_window", speculative_window, minimum=0)
+                except ValueError as err:
+                    raise ValueError(f"the model's generation_config is invalid: {err} Fix generation_config.json.") from None
         if num_candidates is None:
             num_candidates = self._default("num_candidates", None) if task is None else 1
         self._interrupt = False
@@ -308,8 +327,10 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                 negs = [n for n in negs for _ in range(num_candidates)]
             generator = self._candidate_generators(generator, num_candidates)
 
-        f = self.model.vqmodel.downsample_factor
-        total = grid_tokens(h // f, w // f)
+        layout = self.model.config.unirep
+        total = layout.grid_length(*layout.grid_shape(h, w))
+        if window_is_default and speculative_window:
+            speculative_window = min(speculative_window, total)  # a model's default fits any image size
 
         def on_step(step, tokens):
             # diffusers' callback contract: the named tensors go in, the returned ones replace them
@@ -449,6 +470,61 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
         if not return_dict:
             return (texts,)
         return LuminaMGPTPipelineOutput(images=[], text=texts)
+
+
+# Argument errors are ValueErrors (wrong type or out of range alike), each naming the argument and what it accepts.
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}.")
+
+
+def _check_number(name: str, value, minimum: float, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {type(value).__name__} {value!r}.")
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}.")
+
+
+def _check_texts(name: str, value, allow_empty: bool) -> int:
+    """A string or a non-empty list of strings; returns how many."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list):
+        raise ValueError(f"{name} must be a string or a list of strings, got {type(value).__name__}.")
+    if not texts:
+        raise ValueError(f"{name} is an empty list: give at least one string.")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{name}[{i}] must be a string, got {type(t).__name__} {t!r}.")
+        if not allow_empty and not t.strip():
+            raise ValueError(f"{name}[{i}] is empty: describe the image to generate.")
+    return len(texts)
+
+
+def _check_images(image) -> int:
+    images = image if isinstance(image, list) else [image]
+    if not images:
+        raise ValueError("image is an empty list: give at least one image.")
+    for i, im in enumerate(images):
+        if isinstance(im, torch.Tensor) and im.is_floating_point() and not bool(torch.isfinite(im).all()):
+            raise ValueError(f"image {i} holds NaN or infinite values.")
+        if isinstance(im, np.ndarray) and np.issubdtype(im.dtype, np.floating) and not np.isfinite(im).all():
+            raise ValueError(f"image {i} holds NaN or infinite values.")
+    return len(images)
+
+
+def _check_generators(generator, n_images: int, n_prompts: int) -> None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, list) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise ValueError(
+            f"generator must be a torch.Generator or a list of them, got {type(generator).__name__} {generator!r}: "
+            "use torch.Generator().manual_seed(seed)."
+        )
+    if len(generator) != n_images:
+        raise ValueError(
+            f"got {len(generator)} generators for {n_images} images ({n_prompts} prompts x "
+            f"{n_images // max(n_prompts, 1)}): give one per image or a single generator."
+        )
 
 
 __all__ = ["LuminaMGPTPipeline", "LuminaMGPTPipelineOutput"]

@@ -23,8 +23,8 @@ import torch
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
-from .configuration_lumina_mgpt import parse_image_code_token_name
 from .image_processing_lumina_mgpt import LuminaMGPTImageProcessor
+from .unirep import MalformedImageSpanError, UniRepLayout, parse_image_code_token_name
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,6 @@ OMNI_TASK_PROMPTS = {
 
 USER_ROLES = ("user", "human")
 ASSISTANT_ROLES = ("assistant", "gpt")
-
-
-class MalformedImageSpanError(ValueError):
-    """A generated image span does not follow the UniRep layout (wrong size tokens, row lengths, missing
-    row-end or end token, non-image ids inside the grid, or a span cut off by the end of the sequence)."""
 
 
 @dataclasses.dataclass
@@ -168,40 +163,34 @@ class LuminaMGPTProcessor(ProcessorMixin):
             raise ValueError("the tokenizer has no image-code tokens (IMGIMG...Z): it is not a Chameleon vocabulary.")
         return out
 
-    def size_token_id(self, pixels: int, patch_size: int | None = None) -> int:
-        patch = patch_size or self.image_processor.patch_size
-        if pixels % patch:
-            raise ValueError(f"image side {pixels} px is not a multiple of the {patch} px grid unit.")
-        units = pixels // patch
-        if not 1 <= units <= self.max_size_units:
-            raise ValueError(f"image side {pixels} px ({units} units) is outside 1..{self.max_size_units} units.")
-        return self.size_token_base_id + units
+    @property
+    def unirep(self) -> UniRepLayout:
+        """The UniRep layout with this tokenizer's ids and the image processor's grid unit."""
+        return UniRepLayout(
+            image_start_token_id=self.image_start_token_id,
+            image_end_token_id=self.image_end_token_id,
+            row_end_token_id=self.row_end_token_id,
+            size_token_base_id=self.size_token_base_id,
+            max_size_units=self.max_size_units,
+            patch_size=self.image_processor.patch_size,
+            image_placeholder_token_id=self.image_placeholder_token_id,
+        )
+
+    def size_token_id(self, pixels: int) -> int:
+        return self.unirep.size_token_id(pixels)
 
     # ------------------------------------------------------------------ UniRep
     def image_prefix_ids(self, height: int, width: int) -> list[int]:
         """`[<racm3:break>, size(H), size(W)]`: the start of an image of `width x height` pixels."""
-        return [self.image_start_token_id, self.size_token_id(height), self.size_token_id(width)]
+        return self.unirep.prefix(height, width)
 
     def unirep_ids(self, code_token_ids: torch.Tensor) -> list[int]:
-        """A `(rows, cols)` grid of image-code token ids -> the full UniRep span (SPEC.md section 4)."""
-        grid = torch.as_tensor(code_token_ids)
-        if grid.ndim != 2:
-            raise ValueError(f"expected a (rows, cols) grid of image token ids, got shape {tuple(grid.shape)}.")
-        rows, cols = grid.shape
-        f = self.image_processor.patch_size // 2
-        out = self.image_prefix_ids(rows * f, cols * f)
-        row_end = self.row_end_token_id
-        for row in grid.tolist():
-            out.extend(row)
-            out.append(row_end)
-        out.append(self.image_end_token_id)
-        return out
+        """A `(rows, cols)` grid of image-code token ids -> the full UniRep span."""
+        return self.unirep.span(code_token_ids)
 
     def placeholder_ids(self, height: int, width: int) -> list[int]:
         """The UniRep span of a `width x height` image with `<image>` at every code position."""
-        f = self.image_processor.patch_size // 2
-        grid = torch.full((height // f, width // f), self.image_placeholder_token_id, dtype=torch.long)
-        return self.unirep_ids(grid)
+        return self.unirep.placeholder_span(height, width)
 
     def encode_images(self, images, vq_model, random_crop: bool | None = None, seed: int | None = None) -> list[list[int]]:
         """Offline tokenization: preprocess `images`, VQ-encode them with `vq_model` (a
@@ -525,38 +514,7 @@ class LuminaMGPTProcessor(ProcessorMixin):
         return parts
 
     def _parse_image_span(self, ids: list[int], i: int) -> tuple[torch.Tensor, int]:
-        at = f"image span at position {i}"
-        if i + 2 >= len(ids):
-            raise MalformedImageSpanError(f"{at}: the sequence ends before the size tokens.")
-        base, patch = self.size_token_base_id, self.image_processor.patch_size
-        h_units, w_units = ids[i + 1] - base, ids[i + 2] - base
-        for name, units in (("height", h_units), ("width", w_units)):
-            if not 1 <= units <= self.max_size_units:
-                raise MalformedImageSpanError(
-                    f"{at}: {name} token {ids[i + 1] if name == 'height' else ids[i + 2]} is not a size token "
-                    f"({base + 1}..{base + self.max_size_units})."
-                )
-        f = patch // 2
-        rows, cols = h_units * patch // f, w_units * patch // f
-        need = rows * (cols + 1) + 1
-        body = ids[i + 3 : i + 3 + need]
-        if len(body) < need:
-            raise MalformedImageSpanError(
-                f"{at}: a {w_units * patch}x{h_units * patch} image needs {need} tokens after its size tokens, "
-                f"the sequence has {len(body)} (cut off)."
-            )
-        grid = torch.tensor(body[:-1], dtype=torch.long).view(rows, cols + 1)
-        if not bool((grid[:, -1] == self.row_end_token_id).all()):
-            bad = int((grid[:, -1] != self.row_end_token_id).nonzero()[0, 0])
-            raise MalformedImageSpanError(f"{at}: row {bad} does not end with the row-end token at column {cols}.")
-        if body[-1] != self.image_end_token_id:
-            raise MalformedImageSpanError(f"{at}: expected the image end token after row {rows - 1}, got {body[-1]}.")
-        codes = grid[:, :-1]
-        known = self.image_code_token_ids
-        not_codes = [t for t in codes.flatten().tolist() if t not in known]
-        if not_codes:
-            raise MalformedImageSpanError(f"{at}: ids {not_codes[:5]} inside the grid are not image-code tokens.")
-        return codes, i + 3 + need
+        return self.unirep.parse(ids, i, self.image_code_token_ids)
 
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
         """Generated ids -> text, with `<|image|>` where each well-formed image span was (malformed spans are

@@ -56,14 +56,7 @@ import torch
 import torch.nn.functional as F
 from transformers import StaticCache
 
-from .generation_lumina_mgpt import (
-    ImageGenerationOutput,
-    _DecodeStep,
-    _left_pad,
-    draw_uniform,
-    grid_tokens,
-    top_k_filter,
-)
+from .generation_lumina_mgpt import ImageGenerationOutput, _left_pad, draw_uniform, top_k_filter
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +64,28 @@ DRAFT_INITS = ("above", "left", "random")
 COUPLINGS = ("gumbel", "maximal", "independent")
 
 
-class _WindowStep(_DecodeStep):
-    """The decode step over a window: `(tokens (R, W), positions (R, W)) -> image-code logits (R, W, n_codes)`
-    against the static cache. Same head slicing and optional `torch.compile` as the single-token step."""
+class _WindowStep:
+    """One decoding forward over a window: `(tokens (R, W), positions (R, W)) -> image-code logits
+    (R, W, n_codes)` against the static cache. Only the lm_head rows of the image codes are applied. Optionally
+    `torch.compile`d: every input has a fixed shape, so it compiles once per batch size and window."""
+
+    def __init__(self, model, code_ids: torch.Tensor, compile: bool | str = False):
+        self.decoder = model.model
+        self.head = model.lm_head.weight.detach().index_select(0, code_ids.to(model.lm_head.weight.device))
+        fn = self._step
+        if compile:
+            mode = compile if isinstance(compile, str) and compile != "default" else None
+            fn = torch.compile(fn, mode=mode, fullgraph=False, dynamic=False)
+        self.fn = fn
 
     def _step(self, token, position, mask, cache):
-        hidden = self.model.model(
+        hidden = self.decoder(
             input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
         ).last_hidden_state
         return F.linear(hidden, self.head)
+
+    def __call__(self, token, position, mask, cache):
+        return self.fn(token, position, mask, cache)
 
 
 def speculative_accept(p_draft: torch.Tensor, q_draft: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -138,18 +144,17 @@ def speculative_generate(
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be one of {', '.join(COUPLINGS)}, got {coupling!r}.")
     cfg = model.config
+    layout = cfg.unirep
     device = model.device
     batch = len(prompts)
-    patch = cfg.patch_size
-    f = model.vqmodel.downsample_factor
     W = int(window)
 
-    grid_rows = [h // f for h, _ in sizes]
-    grid_cols = [w // f for _, w in sizes]
-    span = [grid_tokens(r, c) for r, c in zip(grid_rows, grid_cols)]
+    grid_rows = [layout.grid_shape(h, w)[0] for h, w in sizes]
+    grid_cols = [layout.grid_shape(h, w)[1] for h, w in sizes]
+    span = [layout.grid_length(r, c) for r, c in zip(grid_rows, grid_cols)]
     n_steps = max(span)
     length = n_steps + W + 1  # steps held in the buffers: the image, then end-token padding the window may reach
-    prefixes = [[cfg.image_start_token_id, cfg.size_token_id(h // patch), cfg.size_token_id(w // patch)] for h, w in sizes]
+    prefixes = [layout.prefix(h, w) for h, w in sizes]
 
     use_cfg = guidance_scale != 1.0
     contexts = [list(p) + pre for p, pre in zip(prompts, prefixes)]
@@ -176,8 +181,8 @@ def speculative_generate(
     cols_t = torch.tensor(grid_cols, device=device)[:, None]
     grid_len = rows_t * (cols_t + 1)
     forced_tok = torch.full((batch, length), -1, dtype=torch.long, device=device)
-    forced_tok = torch.where((steps < grid_len) & (steps % (cols_t + 1) == cols_t), cfg.image_row_end_token_id, forced_tok)
-    forced_tok = torch.where(steps >= grid_len, cfg.image_end_token_id, forced_tok)
+    forced_tok = torch.where((steps < grid_len) & (steps % (cols_t + 1) == cols_t), layout.row_end_token_id, forced_tok)
+    forced_tok = torch.where(steps >= grid_len, layout.image_end_token_id, forced_tok)
     forced = forced_tok >= 0
     # a row is complete once every code is decided: the steps from its last row end on are forced
     complete_at = (grid_len - 1).squeeze(1)
@@ -349,7 +354,7 @@ def speculative_generate(
 
     out_tokens = tokens[:, :n_steps].clone()
     if interrupted:
-        out_tokens[:, front:] = cfg.image_end_token_id
+        out_tokens[:, front:] = layout.image_end_token_id
     prefix = torch.tensor(prefixes, dtype=torch.long, device=device)
     if len(set(sizes)) == 1:
         sequences = torch.cat([prefix, out_tokens], dim=1)

@@ -8,13 +8,14 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .training.train_cli import build_parser, run
+    from .cli import run_command
+    from .commands.train import build_parser, run
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    return run(args)
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ those sizes, but of shapes it knows.
 import os
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+# a few ground-truth shapes of the kind the nano model knows (the demo's clickable examples)
+EXAMPLES_DIR = os.path.join(os.path.dirname(__file__), "examples")
 
 
 def nano_path() -> str:
@@ -35,4 +37,4 @@ def load_nano_pipeline(**kwargs):
     return LuminaMGPTPipeline.from_pretrained(nano_path(), **kwargs)
 
 
-__all__ = ["WEIGHTS_DIR", "load_nano_pipeline", "nano_path"]
+__all__ = ["EXAMPLES_DIR", "WEIGHTS_DIR", "load_nano_pipeline", "nano_path"]

@@ -6,7 +6,7 @@ A recipe is one flat YAML mapping (alignment-handbook style). Every key belongs 
 - `DataArguments`: the tokenized datasets and their mixture weights, the image target size (for the `max_length` check);
 - `LoraArguments`: PEFT LoRA (`use_peft: true`) and the optional trainable image rows of `lm_head`;
 - `LuminaTrainingArguments`: TRL's `SFTConfig` (so every `transformers.TrainingArguments` key) with the published
-  Lumina-mGPT defaults (SPEC.md section 7) and a few training keys of ours (`z_loss_weight`, `loss_chunk_size`, ...).
+  Lumina-mGPT defaults (the paper's FP-SFT / Omni-SFT recipe) and a few training keys of ours (`z_loss_weight`, `loss_chunk_size`, ...).
 
 `parse_recipe(path_or_dict, overrides)` loads the YAML, applies overrides (`["--learning_rate", "1e-4"]`,
 `["--set", "key=value"]` or a dict), refuses unknown keys with a `ValueError` that names them, converts values to the
@@ -29,10 +29,12 @@ import torch
 import yaml
 from trl import SFTConfig
 
+from ..unirep import UniRepLayout
+
 logger = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
-# UniRep length of the tallest bucket (the longest span) of each published target size (SPEC.md sections 3 and 4).
+# the image target sizes of the published models (FP-SFT trains at 512, then 768, then 1024)
 PUBLISHED_TARGET_SIZES = (512, 768, 1024)
 
 
@@ -66,14 +68,14 @@ class ModelArguments:
     dropout: float | None = field(
         default=0.05,
         metadata={
-            "help": "Residual dropout on the attention and MLP outputs during training (SPEC.md: 0.05 for 7B, 0.0 for "
+            "help": "Residual dropout on the attention and MLP outputs during training (published: 0.05 for 7B, 0.0 for "
             "34B). None keeps the model config's value."
         },
     )
     zero_image_head_rows: bool = field(
         default=False,
         metadata={
-            "help": "Zero the lm_head rows of the image-code tokens before training (SPEC.md section 7: done once when "
+            "help": "Zero the lm_head rows of the image-code tokens before training (done once, as published, when "
             "starting from Chameleon, whose image logits were masked). Only for the first stage."
         },
     )
@@ -117,7 +119,10 @@ class DataArguments:
 
 @dataclass
 class LoraArguments:
-    """PEFT LoRA. PEFT has no default targets for Chameleon: the decoder's seven projections are named here."""
+    """PEFT LoRA, with the key names of TRL's `ModelConfig` (TRL's `get_peft_config` builds the `LoraConfig` from
+    them) plus `lora_train_image_head`. Not a `ModelConfig` subclass: that class also carries model-loading keys that
+    `ModelArguments` owns with other defaults (and a processor), and its key set changes between TRL releases, while
+    a recipe's keys must not. PEFT has no default targets for Chameleon: the decoder's seven projections are named."""
 
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
@@ -146,7 +151,7 @@ def _auto_bf16() -> bool:
 
 @dataclass
 class LuminaTrainingArguments(SFTConfig):
-    """TRL `SFTConfig` with the published Lumina-mGPT training recipe as defaults (SPEC.md section 7): AdamW betas
+    """TRL `SFTConfig` with the published Lumina-mGPT training recipe as defaults: AdamW betas
     (0.9, 0.95), weight decay 0.1 (not on norms, embeddings or biases), lr 2e-5 constant after 1% warmup, grad clip
     4.0, batch 8 per device, 2 epochs, z-loss 1e-5, length-grouped batches, activation checkpointing, bf16 on GPUs
     that support it. The data is pre-tokenized, so TRL's dataset preparation is skipped and no column is removed.
@@ -204,7 +209,7 @@ class LuminaTrainingArguments(SFTConfig):
     )
     # ours
     z_loss_weight: float = field(
-        default=1e-5, metadata={"help": "Weight of mean(logsumexp(logits)^2) over trained positions (SPEC.md section 1)."}
+        default=1e-5, metadata={"help": "Weight of mean(logsumexp(logits)^2) over trained positions (1e-5 as published)."}
     )
     loss_chunk_size: int = field(
         default=4096, metadata={"help": "Tokens per chunk of the LM-head loss (never the full fp32 logits at once)."}
@@ -212,6 +217,11 @@ class LuminaTrainingArguments(SFTConfig):
     save_merged: bool = field(
         default=True,
         metadata={"help": "LoRA: also merge the adapter and save a full pipeline folder in output_dir."},
+    )
+    use_liger_loss: bool = field(
+        default=True,
+        metadata={"help": "On CUDA with liger-kernel installed, compute the loss with its fused linear cross-entropy "
+                  "(z-loss as its lse_square_scale); else the chunked loss."},
     )
 
     def __post_init__(self):
@@ -229,6 +239,12 @@ class LuminaTrainingArguments(SFTConfig):
             self.bf16 = _auto_bf16() and not self.fp16
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = torch.cuda.is_available()
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
         if self.z_loss_weight < 0:
             raise ValueError(f"z_loss_weight must be >= 0, got {self.z_loss_weight}.")
         if self.loss_chunk_size < 1:
@@ -377,9 +393,16 @@ def parse_overrides(argv: list[str] | None) -> dict[str, Any]:
 
 
 def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """The YAML mapping of a recipe file (a ValueError if it is not a mapping)."""
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+    """The YAML mapping of a recipe file (a ValueError if it is missing, not YAML or not a mapping)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"recipe {path} does not exist: give the path of a recipe YAML (recipes/<model>/<stage>/*.yaml).")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ValueError(f"recipe {path} is not valid YAML{line}: {getattr(err, 'problem', None) or err}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -405,6 +428,11 @@ def check_keys(config: dict[str, Any], source: str | None = None) -> None:
     )
 
 
+# Why not `trl.TrlParser` (argparse over the dataclasses): a recipe is also given as a Python dict; YAML 1.1 values
+# must be converted by field type before TrainingArguments sees them (`save_strategy: no` reads as False, `2e-5` as a
+# string); argparse reports a bad value by exiting the process instead of raising an error the caller can show; and
+# `lumina-hf train --help` would list the ~200 TrainingArguments options instead of the recipe workflow. The keys, the
+# dataclasses and their validation are TRL's and transformers' own (`SFTConfig`).
 def parse_recipe(
     config: str | os.PathLike | dict[str, Any] | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -440,9 +468,9 @@ def parse_recipe(
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def unirep_length(width: int, height: int, factor: int = 16) -> int:
-    """Tokens of one image (SPEC.md section 4): start, 2 size tokens, rows of W/16 codes + row end, end."""
-    return (height // factor) * (width // factor + 1) + 4
+def unirep_length(width: int, height: int) -> int:
+    """Tokens of one `width x height` image in UniRep: start, 2 size tokens, rows of W/16 codes + row end, end."""
+    return UniRepLayout().span_length(height, width)
 
 
 def longest_unirep_length(target_size: int) -> tuple[int, tuple[int, int]]:

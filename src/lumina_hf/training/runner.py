@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -62,6 +63,20 @@ def set_residual_dropout(model, p: float) -> None:
         layer.mlp_dropout.p = float(p)
 
 
+def load_config_and_processor(model_args: ModelArguments):
+    """The model's config and its processor, without loading any weights (enough to check the data first)."""
+    from ..configuration_lumina_mgpt import LuminaMGPTConfig
+    from ..processing_lumina_mgpt import LuminaMGPTProcessor
+
+    if model_args.model_name_or_path == TINY_RANDOM:
+        from ..testing_utils import build_tiny_processor, tiny_config
+
+        return tiny_config(), build_tiny_processor(model_args.tiny_target_size)
+    model_dir, proc_dir = _resolve_folders(model_args)
+    revision = {"revision": model_args.model_revision} if model_args.model_revision else {}
+    return LuminaMGPTConfig.from_pretrained(model_dir, **revision), LuminaMGPTProcessor.from_pretrained(proc_dir, **revision)
+
+
 def load_model_and_processor(
     model_args: ModelArguments, lora_args: LoraArguments, training_args: LuminaTrainingArguments
 ):
@@ -71,7 +86,7 @@ def load_model_and_processor(
 
     dtype = resolve_dtype(model_args, lora_args, training_args)
     if model_args.model_name_or_path == TINY_RANDOM:
-        from ..tiny import build_tiny_model, build_tiny_processor
+        from ..testing_utils import build_tiny_model, build_tiny_processor
 
         logger.warning("Training the random tiny model ('%s'): a smoke test, not a useful model.", TINY_RANDOM)
         model = build_tiny_model(seed=training_args.seed).to(dtype)
@@ -112,32 +127,32 @@ def unirep_token_ids(config) -> list[int]:
 
 
 def build_peft_config(lora_args: LoraArguments, model_config=None):
-    """The PEFT `LoraConfig` of a recipe (None for full fine-tuning). The VQGAN is never adapted; lm_head gets no
-    LoRA (TRL and the generation loop read `lm_head.weight` directly) but, with `lora_train_image_head`, its UniRep
-    rows become trainable through PEFT's `trainable_token_indices` (saved with the adapter, merged by
-    `merge_and_unload`). `model_config` defaults to the published token ids."""
+    """The PEFT `LoraConfig` of a recipe (None for full fine-tuning), built by TRL's `get_peft_config` from the
+    recipe's LoRA keys (the names of TRL's `ModelConfig`), then given what TRL does not know about Lumina-mGPT: the
+    VQGAN is never adapted, and with `lora_train_image_head` the UniRep rows of lm_head become trainable through
+    PEFT's `trainable_token_indices` (lm_head gets no LoRA: TRL and the generation loop read `lm_head.weight`
+    directly). `model_config` defaults to the published token ids."""
     if not lora_args.use_peft:
         return None
-    from peft import LoraConfig
+    from trl import ModelConfig, get_peft_config
 
     from ..configuration_lumina_mgpt import LuminaMGPTConfig
 
-    kwargs: dict[str, Any] = {}
+    config = get_peft_config(ModelConfig(
+        use_peft=True,
+        lora_r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        lora_target_modules=lora_args.lora_target_modules,
+        use_rslora=lora_args.use_rslora,
+        lora_task_type="CAUSAL_LM",
+    ))
+    config.exclude_modules = r".*\bvqmodel\b.*"
     if lora_args.lora_train_image_head:
         # without a model (dry run): the published ids, from the default config (no weights are built)
         cfg = model_config if model_config is not None else LuminaMGPTConfig()
-        kwargs["trainable_token_indices"] = {"lm_head": unirep_token_ids(cfg)}
-    return LoraConfig(
-        r=lora_args.lora_r,
-        lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=lora_args.lora_target_modules,
-        exclude_modules=r".*\bvqmodel\b.*",
-        use_rslora=lora_args.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-        **kwargs,
-    )
+        config.trainable_token_indices = {"lm_head": unirep_token_ids(cfg)}
+    return config
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -175,8 +190,7 @@ def synthetic_dataset(model_config, processor, num_items: int = 16, seed: int = 
     colours = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
     code_ids = model_config.image_code_to_token_id()
     size = int(size or processor.image_processor.target_size)
-    f = processor.image_processor.patch_size // 2
-    rows = cols = size // f
+    rows, cols = processor.unirep.grid_shape(size, size)
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     for i in range(num_items):
         a, b = colours[i % len(colours)], colours[(i * 3 + 1) % len(colours)]
@@ -196,20 +210,23 @@ def synthetic_dataset(model_config, processor, num_items: int = 16, seed: int = 
     return Dataset.from_dict(out)
 
 
-def _load_one(entry: dict, model, processor, where: str):
+def _load_one(entry: dict, model_config, processor, where: str):
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
     path = entry["path"]
     if path.startswith(SYNTHETIC_PREFIX):
-        if model is None or processor is None:
+        if model_config is None or processor is None:
             raise ValueError(f"{where}: {path} needs the model config and the processor.")
         parts = path[len(SYNTHETIC_PREFIX):].split(":")
         n = int(parts[1]) if len(parts) > 1 else 16
-        return synthetic_dataset(model.config, processor, num_items=n)
+        return synthetic_dataset(model_config, processor, num_items=n)
     if is_local_path(path):
         if not os.path.isdir(os.path.expanduser(path)):
             raise ValueError(f"{where}: dataset folder {path} not found. Tokenize the data first with `lumina-hf tokenize`.")
-        ds = load_from_disk(os.path.expanduser(path))
+        try:
+            ds = load_from_disk(os.path.expanduser(path))
+        except IndexError:  # datasets cannot read back a saved dataset of zero rows
+            raise ValueError(f"{where}: dataset folder {path} is empty (no rows were saved).") from None
     else:
         ds = load_dataset(path, split=entry.get("split", "train"))
     if isinstance(ds, DatasetDict):
@@ -220,6 +237,23 @@ def _load_one(entry: dict, model, processor, where: str):
     if not isinstance(ds, Dataset):
         raise ValueError(f"{where} ({path}) is not a map-style datasets.Dataset.")
     return ds
+
+
+def check_token_ids(ds, vocab_size: int, where: str) -> None:
+    """Every `input_ids` value lies in `0..vocab_size-1` (data tokenized for another vocabulary would otherwise train
+    silently, or index out of the embedding); one vectorised pass over the Arrow column."""
+    import pyarrow.compute as pc
+
+    column = ds.with_format("arrow")[:]["input_ids"]
+    values = pc.list_flatten(column)
+    if len(values) == 0:
+        return
+    low, high = pc.min(values).as_py(), pc.max(values).as_py()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"{where}: token ids span {low}..{high}, outside the model's vocabulary 0..{vocab_size - 1}: the data was "
+            "tokenized for another model. Tokenize it with this model's processor."
+        )
 
 
 def _apply_weight(ds, weight: float, seed: int):
@@ -243,20 +277,23 @@ def _add_length(ds):
     return ds.map(lambda ex: {"length": len(ex["input_ids"])}, desc="lengths")
 
 
-def build_datasets(data_args: DataArguments, training_args: LuminaTrainingArguments, model=None, processor=None):
-    """(train, eval or None): the weighted mixture of the recipe's tokenized datasets, checked, with a `length` column,
-    items longer than `max_length` dropped (never truncated)."""
+def build_datasets(data_args: DataArguments, training_args: LuminaTrainingArguments, model_config=None, processor=None):
+    """(train, eval or None): the weighted mixture of the recipe's tokenized datasets, checked (columns, lengths, and
+    with `model_config` every token id inside its vocabulary), with a `length` column, items longer than `max_length`
+    dropped (never truncated)."""
     from datasets import concatenate_datasets
 
     parts = []
     for i, entry in enumerate(data_args.dataset_mixture):
         where = f"dataset_mixture[{i}]" + (f" ({entry['name']})" if entry.get("name") else "")
-        ds = _load_one(entry, model, processor, where)
+        ds = _load_one(entry, model_config, processor, where)
         check_dataset_columns(ds, f"{where} {entry['path']}")
         keep = [c for c in ("input_ids", "labels", "length") if c in ds.column_names]
         ds = _add_length(ds.select_columns(keep))
         if len(ds) == 0:
             raise ValueError(f"{where} {entry['path']} is empty.")
+        if model_config is not None:
+            check_token_ids(ds, model_config.vocab_size, f"{where} {entry['path']}")
         first = ds[0]
         if len(first["input_ids"]) != len(first["labels"]):
             raise ValueError(f"{where} {entry['path']}: input_ids and labels have different lengths (row 0).")
@@ -302,19 +339,59 @@ def check_dataset_paths(data_args: DataArguments) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- resume
 def resolve_resume(training_args: LuminaTrainingArguments) -> str | None:
-    """`resume_from_checkpoint`: True/'latest' -> the newest checkpoint-N in output_dir (ValueError if none)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """`resume_from_checkpoint`: True/'latest' -> the newest *complete* checkpoint-N of output_dir (a checkpoint cut
+    short by a kill is skipped, with a warning); a path must be a complete checkpoint. ValueError otherwise."""
     value = training_args.resume_from_checkpoint
     if value is None or value is False or str(value).lower() in ("", "false", "no"):
         return None
     if value is True or str(value).lower() in ("true", "yes", "latest"):
         out = training_args.output_dir
-        last = get_last_checkpoint(out) if os.path.isdir(out) else None
-        if last is None:
-            raise ValueError(f"resume_from_checkpoint=true but {out} has no checkpoint-N folder to resume from.")
-        return last
-    return str(value)
+        found = sorted(checkpoint_folders(out), key=lambda item: item[0], reverse=True)
+        incomplete = []
+        for step, folder in found:
+            if is_complete_checkpoint(folder):
+                if incomplete:
+                    logger.warning("skipped incomplete checkpoint(s) %s (cut short while saving)", ", ".join(incomplete))
+                logger.info("resuming from %s (step %d)", folder, step)
+                return folder
+            incomplete.append(os.path.basename(folder))
+        if incomplete:
+            raise ValueError(
+                f"resume_from_checkpoint=true but every checkpoint of {out} is incomplete ({', '.join(incomplete)}: "
+                "their saves were cut short): start over, or remove them."
+            )
+        raise ValueError(f"resume_from_checkpoint=true but {out} has no checkpoint-N folder to resume from.")
+    folder = str(value)
+    if not is_complete_checkpoint(folder):
+        raise ValueError(
+            f"{folder} is not a complete checkpoint (no readable trainer_state.json: its save was cut short): "
+            "resume from an earlier checkpoint-N, or use resume_from_checkpoint: true to take the newest complete one."
+        )
+    logger.info("resuming from %s", folder)
+    return folder
+
+
+def checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
+    """`(step, path)` of every checkpoint-N folder in `output_dir`."""
+    if not os.path.isdir(output_dir):
+        return []
+    out = []
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        if m and os.path.isdir(os.path.join(output_dir, name)):
+            out.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return out
+
+
+def is_complete_checkpoint(folder: str) -> bool:
+    """A checkpoint is complete when the Trainer finished writing it: `trainer_state.json` comes after the weights,
+    optimizer, scheduler and RNG states, so a save cut short has none (or a partial one that does not parse)."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as fh:
+            json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _fsdp_activation_checkpointing() -> bool:
@@ -377,7 +454,7 @@ def build_trainer(recipe: Recipe, model=None, processor=None, train_dataset=None
         processor = _with_target_size(processor, recipe.data.target_size)
     model.model.vqmodel.requires_grad_(False)
     if train_dataset is None:
-        train_dataset, eval_dataset = build_datasets(recipe.data, training, model, processor)
+        train_dataset, eval_dataset = build_datasets(recipe.data, training, model.config, processor)
     else:
         check_dataset_columns(train_dataset, "train_dataset")
         train_dataset = _add_length(train_dataset)
@@ -414,10 +491,17 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, callbacks=None) -> Trainin
     from transformers import set_seed
 
     set_seed(training.seed)
+    # the data is checked against the model's config before any weight is loaded
+    config, processor = load_config_and_processor(recipe.model)
+    if recipe.data.target_size is not None:
+        from .data import _with_target_size
+
+        processor = _with_target_size(processor, recipe.data.target_size)
+    train_dataset, eval_dataset = build_datasets(recipe.data, training, config, processor)
     model, processor = load_model_and_processor(recipe.model, recipe.lora, training)
     if resume is not None:
         check_resume_checkpoint(resume, model_signature(model, recipe.lora.use_peft, recipe.lora.lora_r))
-    trainer = build_trainer(recipe, model, processor, callbacks=callbacks)
+    trainer = build_trainer(recipe, model, processor, train_dataset, eval_dataset, callbacks=callbacks)
     train_out = trainer.train(resume_from_checkpoint=resume)
     trainer.restore_model_config()
     peft_config = trainer.model.peft_config.get("default") if recipe.lora.use_peft else None
@@ -481,7 +565,7 @@ def _dry_run(recipe: Recipe) -> TrainingResult:
 
             model_config = LuminaMGPTConfig.from_pretrained(model_dir)
     else:
-        from ..tiny import tiny_config
+        from ..testing_utils import tiny_config
 
         model_config = tiny_config()
     peft_config = build_peft_config(recipe.lora, model_config)

@@ -1,7 +1,7 @@
 """`LuminaSFTTrainer`: TRL's `SFTTrainer` with the Lumina-mGPT loss (cross-entropy + z-loss, chunked LM head).
 
 How the loss is computed (and why not through TRL's fused LM head): TRL 1.16 patches the model's forward with a fused
-LM head that returns per-token log-probabilities only; the log-sum-exp that z-loss needs (SPEC.md section 1:
+LM head that returns per-token log-probabilities only; the log-sum-exp that z-loss needs (Lumina-mGPT's recipe:
 `weight * mean(logsumexp(shift_logits)^2)` over positions whose label is >= 0) cannot be recovered from its outputs,
 and the model's own `forward` (which can add z-loss) is bypassed. So `compute_loss` turns the fused path off: it runs
 the model through the (DDP/FSDP/PEFT-wrapped) module with `logits_to_keep=1`, so no full-vocabulary logits are built,
@@ -122,6 +122,36 @@ def full_logits_lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> dict[
     }
 
 
+def fused_lm_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.LongTensor, z_loss_weight: float):
+    """The sums of `chunked_lm_loss` from liger-kernel's fused linear cross-entropy (CUDA): the logits are never
+    materialised, and its `lse_square_scale` is exactly our z-loss weight. Liger returns one differentiable sum,
+    `nll + weight * lse^2`, and the z term detached; `nll_sum` is returned as that sum minus the detached z term, so
+    `nll_sum + weight * z_sum` has liger's value and gradient. Token accuracy is not computed (None)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    h = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
+    y = labels[:, 1:].to(h.device).reshape(-1)
+    n = int((y >= 0).sum())
+    total, z_scaled = liger_fused_linear_cross_entropy(
+        h, weight, y, ignore_index=-100, lse_square_scale=float(z_loss_weight), reduction="sum", return_z_loss=True,
+    )
+    z_scaled = z_scaled.detach().float()
+    z_sum = z_scaled / z_loss_weight if z_loss_weight else torch.zeros((), device=h.device)
+    return {"nll_sum": total.float() - z_scaled, "z_sum": z_sum, "num_tokens": torch.tensor(float(n), device=h.device),
+            "num_correct": None}
+
+
+def liger_available() -> bool:
+    """liger-kernel's fused loss can run: it is installed and CUDA (Triton) is there."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _unwrap_peft(model):
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -148,7 +178,8 @@ def model_signature(model, use_peft: bool | None = None, lora_r: int | None = No
 
 
 class SignatureCallback(TrainerCallback):
-    """Writes `lumina_training_signature.json` into every checkpoint, so a resume can check it belongs to this model."""
+    """Writes `lumina_training_signature.json` into every checkpoint once the Trainer has finished saving it: a resume
+    checks that the checkpoint belongs to this model, and takes only checkpoints that have it (complete ones)."""
 
     def __init__(self, signature: dict):
         self.signature = dict(signature)
@@ -157,8 +188,11 @@ class SignatureCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                with open(os.path.join(folder, SIGNATURE_FILE), "w", encoding="utf-8") as fh:
+                # written last, and atomically: its presence marks the checkpoint complete for a later resume
+                tmp = os.path.join(folder, f".{SIGNATURE_FILE}.tmp")
+                with open(tmp, "w", encoding="utf-8") as fh:
                     json.dump(self.signature, fh, indent=2)
+                os.replace(tmp, os.path.join(folder, SIGNATURE_FILE))
         return control
 
 
@@ -245,7 +279,7 @@ class EpochSeededLengthGroupedSampler(Sampler):
 
 class _KeepSpecialTokens(TrainerCallback):
     """`Trainer.train` aligns the model's bos/eos/pad ids with the tokenizer's. Lumina's turn separator 8710 is its
-    eos (`</s>` = 2 does not stop generation, SPEC.md section 1), so the alignment would write eos 2 into the config
+    eos (`</s>` = 2 does not stop generation in Lumina-mGPT), so the alignment would write eos 2 into the config
     of every checkpoint and of the final model: put the model's own ids back as soon as training begins."""
 
     _KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -301,6 +335,10 @@ class LuminaSFTTrainer(SFTTrainer):
         self.full_logits_loss = bool(self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
         if self.full_logits_loss:
             logger.warning("DeepSpeed ZeRO-3: the loss is computed from the model's full logits (use fsdp2 for the chunked loss).")
+        # on CUDA with liger-kernel installed (`pip install "lumina-hf[cuda]"`), the fused loss replaces the chunked one
+        self.fused_loss = bool(getattr(self.args, "use_liger_loss", True)) and not self.full_logits_loss and liger_available()
+        if self.fused_loss:
+            logger.info("training loss: liger-kernel fused linear cross-entropy with z-loss (lse_square_scale)")
         # compute_loss normalises by `num_items_in_batch` itself (gradient accumulation handled).
         self.model_accepts_loss_kwargs = True
         self.last_loss_parts: dict[str, float] = {}
@@ -346,7 +384,7 @@ class LuminaSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ optimizer
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Weight decay on weight matrices only: not on biases, norms (RMSNorm, the grouped q/k LayerNorm) or
-        embeddings (SPEC.md "Do not copy": the reference decays norms and embeddings)."""
+        embeddings (the original training code decays them too; we do not)."""
         skip: set[str] = set()
         for mod_name, module in model.named_modules():
             is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
@@ -386,8 +424,11 @@ class LuminaSFTTrainer(SFTTrainer):
             finally:
                 handle.remove()
             hidden = captured.pop("hidden")
-            weight = head.weight  # with PEFT trainable image rows: the merged (base + trained rows) tensor
-            parts = chunked_lm_loss(hidden, _full_weight(weight), labels, self.loss_chunk_size)
+            weight = _full_weight(head.weight)  # with PEFT trainable image rows: the merged (base + trained rows) tensor
+            if self.fused_loss and hidden.is_cuda:
+                parts = fused_lm_loss(hidden, weight, labels, self.z_loss_weight)
+            else:
+                parts = chunked_lm_loss(hidden, weight, labels, self.loss_chunk_size)
         n_local = parts["num_tokens"]
         denom = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else n_local, device=n_local.device)
         denom = denom.to(torch.float32).clamp(min=1)
@@ -405,13 +446,16 @@ class LuminaSFTTrainer(SFTTrainer):
                 "ce": float(ce.detach()),
                 "z_loss": float(parts["z_sum"].detach() / n),
             }
-            gathered = self.accelerator.gather_for_metrics(
-                torch.stack([parts["z_sum"].detach().float(), n_local.float(), parts["num_correct"].float()])[None]
-            ).sum(0)
+            correct = parts["num_correct"]
+            gathered = self.accelerator.gather_for_metrics(torch.stack([
+                parts["z_sum"].detach().float(), n_local.float(),
+                correct.float() if correct is not None else torch.zeros((), device=n_local.device),
+            ])[None]).sum(0)
             valid = float(gathered[1])
             metrics = self.loss_metrics[mode]
             metrics.setdefault("z_loss", []).append(float(gathered[0]) / valid if valid else 0.0)
-            metrics.setdefault("mean_token_accuracy", []).append(float(gathered[2]) / valid if valid else 0.0)
+            if correct is not None:  # the fused loss does not compute it
+                metrics.setdefault("mean_token_accuracy", []).append(float(gathered[2]) / valid if valid else 0.0)
             if mode == "train" and "attention_mask" in inputs:
                 tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()[None]).sum().item()
                 self.train_tokens_seen += int(tokens)

@@ -1,9 +1,9 @@
 """Build steps of Lumina-mGPT-nano (see recipes/nano/README.md for the whole sequence):
 
-    python -m lumina_hf.nano.build data --target-size 64 --t2i 3000 --out runs/nano/data64
-    python -m lumina_hf.nano.build init --vqgan runs/nano/vqgan --out runs/nano/init
-    python -m lumina_hf.nano.build grow --model runs/nano/omni --out runs/nano/grown --layers 8
-    python -m lumina_hf.nano.build export --model runs/nano/omni --out src/lumina_hf/nano/weights
+    python -m examples.nano.build data --target-size 64 --t2i 3000 --out runs/nano/data64
+    python -m examples.nano.build init --vqgan runs/nano/vqgan --out runs/nano/init
+    python -m examples.nano.build grow --model runs/nano/omni --out runs/nano/grown --layers 8
+    python -m examples.nano.build export --model runs/nano/omni --out src/lumina_hf/nano/weights
 
 `data` writes the raw items in the formats `lumina-hf tokenize` reads (a `datasets` folder of image +
 caption for text-to-image, the original conversation JSON for the Omni tasks); `init` assembles the
@@ -21,9 +21,9 @@ import tempfile
 
 import torch
 
-from ..configuration_lumina_mgpt import image_code_token_name
-from ..image_processing_lumina_mgpt import LuminaMGPTImageProcessor
-from ..processing_lumina_mgpt import OMNI_TASK_PROMPTS, LuminaMGPTProcessor, text_to_image_prompt
+from lumina_hf.unirep import image_code_token_name
+from lumina_hf.image_processing_lumina_mgpt import LuminaMGPTImageProcessor
+from lumina_hf.processing_lumina_mgpt import OMNI_TASK_PROMPTS, LuminaMGPTProcessor, text_to_image_prompt
 from .shapes import COLORS, SHAPES, aspect_size, caption_for, make_item
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def _save_pipeline(model, processor, out: str, replace: bool = False, compact_js
     `out`. `replace` removes an existing `out` first (callers that must not overwrite check before any work).
     `compact_json` rewrites the JSON files without indentation (the shipped weights have a size budget, and the
     config's 8192-entry vocabulary map and the tokenizer are mostly indentation)."""
-    from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
+    from lumina_hf.pipeline_lumina_mgpt import LuminaMGPTPipeline
 
     tmp = _atomic_dir(out)
     try:
@@ -135,10 +135,10 @@ def nano_corpus(target_sizes=(64, 96)) -> list[str]:
 
 def init_model(vqgan_dir: str, out: str, target_size: int = 64, seed: int = 0, **lm_overrides) -> None:
     """Untrained nano language model + the trained VQGAN + a compact tokenizer, saved as a pipeline folder."""
-    from ..configuration_lumina_mgpt import LuminaMGPTConfig
-    from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
-    from ..modeling_vqgan import LuminaMGPTVQGAN
-    from ..tiny import build_compact_tokenizer
+    from lumina_hf.configuration_lumina_mgpt import LuminaMGPTConfig
+    from lumina_hf.modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
+    from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
+    from lumina_hf.testing_utils import build_compact_tokenizer
 
     if os.path.exists(out):
         raise ValueError(f"{out} exists: remove it or choose another folder.")
@@ -173,7 +173,7 @@ def grow_model(model_dir: str, out: str, num_hidden_layers: int, seed: int = 0) 
     its two residual-branch outputs (attention `o_proj`, MLP `down_proj`), which start at zero, so the new
     block adds nothing until training moves them (block expansion, as in LLaMA Pro). Embeddings, final norm,
     head and VQGAN are copied. This lets the nano model gain capacity without repeating its earlier stages."""
-    from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
+    from lumina_hf.modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
 
     src_model, src_proc = _pipeline_parts(model_dir)
     config = LuminaMGPTForConditionalGeneration.config_class.from_pretrained(src_model)
@@ -224,7 +224,7 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
              "num_candidates"}
     if set(sampling) - known:
         raise ValueError(f"unknown sampling defaults {sorted(set(sampling) - known)}; known: {sorted(known)}.")
-    from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
+    from lumina_hf.modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
 
     src_model, src_proc = _pipeline_parts(model_dir)
     model = LuminaMGPTForConditionalGeneration.from_pretrained(src_model, dtype=getattr(torch, dtype))
@@ -253,7 +253,7 @@ def export(model_dir: str, out: str, target_size: int = 96, dtype: str = "float3
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lumina_hf.nano.build")
+    ap = argparse.ArgumentParser(prog="python -m examples.nano.build")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data")
     d.add_argument("--out", required=True)

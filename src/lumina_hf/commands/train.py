@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+from . import CommandError
+
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = (
@@ -55,8 +57,8 @@ def build_parser(prog: str = "lumina_hf.train") -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Parse the recipe named by `args` (a namespace from the parser above) and train or dry-run it."""
-    from .arguments import parse_recipe
-    from .runner import run_recipe
+    from ..training.arguments import parse_recipe
+    from ..training.runner import run_recipe
 
     overrides = list(getattr(args, "overrides", None) or [])
     for item in getattr(args, "set_values", None) or []:
@@ -64,12 +66,9 @@ def run(args) -> int:
     if getattr(args, "check_data", False):
         overrides += ["--check_data", "true"]
     if not args.config and not overrides:
-        raise SystemExit("error: give --config RECIPE.yaml (and optional overrides).")
-    try:
-        recipe = parse_recipe(args.config, overrides)
-        result = run_recipe(recipe, dry_run=args.dry_run)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+        raise CommandError("give --config RECIPE.yaml (and optional overrides).")
+    recipe = parse_recipe(args.config, overrides)
+    result = run_recipe(recipe, dry_run=args.dry_run)
     if result.dry_run:
         sys.stdout.write(_summary(recipe) + "\n")
     elif result.is_main_process:  # one line per launch, not one per rank
@@ -92,7 +91,7 @@ def _summary(recipe) -> str:
     )
 
 
-def add_cli(subparsers) -> None:
+def register(subparsers) -> None:
     """Add `lumina-hf train` to the `lumina-hf` command line."""
     parser = subparsers.add_parser("train", help="fine-tune with a recipe (full or LoRA)", description=DESCRIPTION)
     # unknown options are recipe overrides, not errors (see _RecipeArgumentParser)
@@ -101,4 +100,4 @@ def add_cli(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-__all__ = ["add_cli", "build_parser", "run"]
+__all__ = ["register", "build_parser", "run"]

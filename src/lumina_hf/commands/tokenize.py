@@ -9,7 +9,7 @@ import sys
 logger = logging.getLogger(__name__)
 
 
-def add_cli(subparsers) -> None:
+def register(subparsers) -> None:
     t = subparsers.add_parser(
         "tokenize",
         help="tokenize an image-caption folder, a training JSON or a dataset (images VQ-encoded once) for training",
@@ -50,49 +50,46 @@ def add_cli(subparsers) -> None:
     t.add_argument("--overwrite", action="store_true", help="replace an existing dataset (or chunks made with other settings)")
     t.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the result with Dataset.push_to_hub")
     t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=_tokenize)
+    t.set_defaults(func=run)
 
 
-def _tokenize(args: argparse.Namespace) -> int:
-    from ..cli import TINY_RANDOM
-    from .data import tokenize_dataset
+def run(args: argparse.Namespace) -> int:
+    from ..training.data import tokenize_dataset
+    from .generate import TINY_RANDOM
 
     processor = args.processor
     vq_model = args.model
     if args.model == TINY_RANDOM:
-        from ..tiny import build_tiny_model, build_tiny_processor
+        from ..testing_utils import build_tiny_model, build_tiny_processor
 
         logger.warning("Using the randomly initialised tiny model: the tokens are valid but meaningless (tests, timing).")
         vq_model = build_tiny_model()
         if processor is None:
             processor = build_tiny_processor(args.target_size or 256)
-    try:
-        dataset, report = tokenize_dataset(
-            args.source,
-            args.output,
-            vq_model=vq_model,
-            processor=processor,
-            target_size=args.target_size,
-            max_length=args.max_length,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            conversation_column=args.conversation_column,
-            split=args.split,
-            no_size_ratio=args.no_size_ratio,
-            uncond_ratio=args.uncond_ratio,
-            seed=args.seed,
-            random_crop=args.random_crop,
-            chunk_size=args.chunk_size,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            device=args.device,
-            keep_source_index=not args.no_source_index,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            push_to_hub=args.push_to_hub,
-        )
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+    dataset, report = tokenize_dataset(
+        args.source,
+        args.output,
+        vq_model=vq_model,
+        processor=processor,
+        target_size=args.target_size,
+        max_length=args.max_length,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        conversation_column=args.conversation_column,
+        split=args.split,
+        no_size_ratio=args.no_size_ratio,
+        uncond_ratio=args.uncond_ratio,
+        seed=args.seed,
+        random_crop=args.random_crop,
+        chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        keep_source_index=not args.no_source_index,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        push_to_hub=args.push_to_hub,
+    )
     skipped = ", ".join(f"{r} {c}" for r, c in report["skipped"].items()) or "none"
     rate = report.get("items_per_second")
     sys.stdout.write(

@@ -3,7 +3,7 @@
 The published models use Meta's VQGAN; a new small model needs its own. This trainer keeps the taming
 layout of `LuminaMGPTVQGAN` (factor 16) and trains it with an L1 + MSE reconstruction loss plus the
 quantizer's codebook/commitment loss, restarting dead codes from encoder outputs (no GAN: the nano data
-are flat-colored shapes). Run it with `lumina-hf train-vqgan --config recipes/nano/vqgan.yaml`.
+are flat-colored shapes). Run it with `python -m examples.nano.train_vqgan --config recipes/nano/vqgan.yaml`.
 """
 
 import dataclasses
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from ..configuration_lumina_mgpt import LuminaMGPTVQConfig
-from ..image_processing_lumina_mgpt import pil_to_tensor
-from ..modeling_vqgan import LuminaMGPTVQGAN
+from lumina_hf.configuration_lumina_mgpt import LuminaMGPTVQConfig
+from lumina_hf.image_processing_lumina_mgpt import pil_to_tensor
+from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class VQGANTrainingConfig:
     output_dir: str
-    data: str = "shapes"  # the synthetic shapes of lumina_hf.nano.shapes
+    data: str = "shapes"  # the synthetic shapes of examples/nano/shapes.py
     target_sizes: list[int] = dataclasses.field(default_factory=lambda: [64, 96])
     num_embeddings: int = 512
     embed_dim: int = 32
@@ -96,7 +96,7 @@ class VQGANTrainingConfig:
 
 def _shape_batches(cfg: VQGANTrainingConfig):
     """Endless batches of shape images; each batch shares one (size, aspect) so it stacks."""
-    from ..nano.shapes import ASPECTS, make_item
+    from .shapes import ASPECTS, make_item
 
     rng = random.Random(cfg.seed)
     index = 0
@@ -138,7 +138,7 @@ def train_vqgan(cfg: VQGANTrainingConfig, progress: bool = True) -> str:
     """Train and save to `cfg.output_dir` (written to a temp folder first, then renamed). Returns the path."""
     if cfg.data != "shapes":
         raise ValueError(f"data={cfg.data!r}: only the synthetic 'shapes' data is supported by this trainer.")
-    from ..nano.shapes import ASPECTS, aspect_size
+    from .shapes import ASPECTS, aspect_size
 
     for t in cfg.target_sizes:
         sizes = [aspect_size(a, t) for a in ASPECTS]
@@ -218,18 +218,24 @@ def train_vqgan(cfg: VQGANTrainingConfig, progress: bool = True) -> str:
     return cfg.output_dir
 
 
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("train-vqgan", help="train a small VQGAN (factor 16) on the synthetic shapes")
-    p.add_argument("--config", required=True, help="YAML with VQGANTrainingConfig fields")
-    p.add_argument("--output_dir", default=None)
-    p.add_argument("--steps", type=int, default=None)
-
-    def run(args) -> int:
-        cfg = VQGANTrainingConfig.from_yaml(args.config, output_dir=args.output_dir, steps=args.steps)
-        train_vqgan(cfg)
-        return 0
-
-    p.set_defaults(func=run)
-
-
 __all__ = ["VQGANTrainingConfig", "train_vqgan"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m examples.nano.train_vqgan", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML with VQGANTrainingConfig fields")
+    parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        train_vqgan(VQGANTrainingConfig.from_yaml(args.config, output_dir=args.output_dir, steps=args.steps))
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

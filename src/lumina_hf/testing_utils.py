@@ -17,7 +17,8 @@ import functools
 
 import torch
 
-from .configuration_lumina_mgpt import LuminaMGPTConfig, image_code_token_name
+from .configuration_lumina_mgpt import LuminaMGPTConfig
+from .unirep import image_code_token_name
 
 VOCAB_SIZE = 65536
 NUM_IMAGE_CODES = 8192
