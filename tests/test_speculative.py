@@ -367,7 +367,7 @@ def test_window_beyond_the_largest_sampled_size_refused_before_size_sampling(pro
     [
         (dict(prompt="a", speculative_window=-2), "integer >= 0"),
         (dict(prompt="a", speculative_window=False), "integer >= 0"),
-        (dict(prompt="a", height=32, width=32, speculative_window=8), "larger than the image span"),
+        (dict(prompt="a", height=32, width=64, speculative_window=12), "larger than the image span \\(11 tokens"),
         (dict(image=Image.new("RGB", (64, 64), "red"), task="describe", speculative_window=4), "answers in text"),
     ],
 )
@@ -415,3 +415,14 @@ def test_pipeline_speculative_composes_with_num_candidates(pipe):
     plain = pipe("a red circle", **kw).images
     spec = pipe("a red circle", speculative_window=5, **kw).images
     assert torch.equal(plain, spec)
+
+
+def test_pipeline_generation_config_window_is_checked_and_fits_any_size(pipe, monkeypatch):
+    kw = dict(height=32, width=64, top_k=1, output_type="latent", generator=torch.Generator().manual_seed(0))
+    base = pipe("a red circle", **kw).images
+    monkeypatch.setattr(pipe.model.generation_config, "speculative_window", 1000, raising=False)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    assert torch.equal(pipe("a red circle", **kw).images, base)  # a default larger than the image is clipped to it
+    monkeypatch.setattr(pipe.model.generation_config, "speculative_window", -1, raising=False)
+    with pytest.raises(ValueError, match="generation_config is invalid: speculative_window"):
+        pipe("a red circle", **kw)
