@@ -1,24 +1,32 @@
-"""Image generation speed: lumina_hf's batched guided loop vs the reference's plain loop, same model, one run.
+"""Image generation speed: lumina_hf's batched guided loop vs the reference's plain loop and vs a bare forward
+loop, same model, one run.
 
 The plain loop is what the original code does per image: two batch-1 forwards per step (conditional and
 unconditional, each with its own dynamic cache), full-vocabulary logits processing, `torch.multinomial`.
+The bare forward loop is the floor of our loop on the same hardware: the same rows (conditional and
+unconditional), the same static cache length and the same image-code head, but only the forward and an
+argmax per step (no noise, guidance, top-k, sampler or grid rules). "ours / bare" is the sampler's overhead.
 
     python benchmarks/bench_generate.py                      # CPU, tiny model (64x64 images)
+    python benchmarks/bench_generate.py --size 256 --batch 1 8 --repeats 5 --skip-plain   # the sampler ratio
     python benchmarks/bench_generate.py --model 7b --size 768 --batch 1 8 --compile   # CUDA, random 7B
 
 Prints seconds per image, decoding steps per second, peak memory, and on CUDA the memory-bandwidth floor
-(weights read once per step) beside it.
+(weights read once per step) beside it. With `--repeats N` every timing is the best of N runs (for busy
+machines). For the full GPU measurement use benchmarks/device_check.py.
 """
 
 import argparse
 import time
 
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
+from transformers import DynamicCache, StaticCache
 
 from lumina_hf import LuminaMGPTConfig, LuminaMGPTForConditionalGeneration, text_to_image_prompt
-from lumina_hf.generation_lumina_mgpt import generate_image_tokens, grid_tokens
+from lumina_hf.generation_lumina_mgpt import CACHE_LENGTH_MULTIPLE, generate_image_tokens
 from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
+from lumina_hf.unirep import UniRepLayout
 
 
 def plain_loop(model, prompt, height, width, guidance=4.0, top_k=2000, generator=None):
@@ -50,6 +58,39 @@ def plain_loop(model, prompt, height, width, guidance=4.0, top_k=2000, generator
     return out + [cfg.image_end_token_id]
 
 
+@torch.no_grad()
+def bare_forward_loop(model, prompt, batch, height, width):
+    """`2 * batch` rows (prompt + image prefix, image prefix alone) through the decoder with a static cache as long
+    as the guided loop's, the image-code rows of the LM head, and the argmax fed back: one forward per step of
+    the image, nothing else."""
+    cfg = model.config
+    dev = model.device
+    prefix = [cfg.image_start_token_id, cfg.size_token_id(height // 32), cfg.size_token_id(width // 32)]
+    rows = [list(prompt) + prefix] * batch + [prefix] * batch
+    n_steps = UniRepLayout.grid_length(*UniRepLayout.grid_shape(height, width))
+    n = max(len(r) for r in rows)
+    cache_len = -(-(n + n_steps) // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+    ids = torch.full((len(rows), n), cfg.pad_token_id, dtype=torch.long)
+    mask = torch.ones((len(rows), cache_len), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r) :] = torch.tensor(r)
+        mask[i, : n - len(r)] = 0
+    pos = (mask[:, :n].cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+    code_ids = model.model.image_code_to_id.to(dev)
+    head = model.lm_head.weight.index_select(0, code_ids)
+    cache = StaticCache(config=cfg, max_cache_len=cache_len)
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
+    token = code_ids[F.linear(hidden[:, -1], head).argmax(-1)]
+    position = pos[:, -1:]
+    for _ in range(n_steps - 1):
+        position = position + 1
+        hidden = model.model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache,
+                             use_cache=True).last_hidden_state
+        token = code_ids[F.linear(hidden[:, -1], head).argmax(-1)]
+    return token
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -73,6 +114,19 @@ def build(model_name, device, dtype):
     return model.eval()
 
 
+def timed(device, repeats, fn):
+    """(wall s, process CPU s) of `fn()`, the fastest of `repeats` runs."""
+    best = None
+    for _ in range(repeats):
+        sync(device)
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        run = (time.perf_counter() - t, time.process_time() - c)
+        best = run if best is None or run[0] < best[0] else best
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny", choices=["tiny", "7b"])
@@ -81,51 +135,61 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="GPU memory bandwidth for the floor (H100 SXM: 3350)")
     ap.add_argument("--skip-plain", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="time every row this many times and keep the fastest run")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = args.size or (768 if args.model == "7b" else 64)
     model = build(args.model, device, dtype)
     proc = build_tiny_processor(size)
     prompt = proc(text=text_to_image_prompt("a red circle on a blue background", size, size), return_tensors=None)["input_ids"][0]
-    steps = grid_tokens(size // 16, size // 16) + 3
+    steps = UniRepLayout.grid_length(*UniRepLayout.grid_shape(size, size)) + 3
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "vqmodel" not in n)
 
     rows = []
+    plain = None
     if not args.skip_plain:
         gen = torch.Generator(device).manual_seed(0)
         plain_loop(model, prompt, 32, 32, generator=gen)  # warm-up
-        sync(device)
-        t, c = time.perf_counter(), time.process_time()
-        plain_loop(model, prompt, size, size, generator=gen)
-        sync(device)
-        dt, dc = time.perf_counter() - t, time.process_time() - c
+        dt, dc = timed(device, args.repeats, lambda: plain_loop(model, prompt, size, size, generator=gen))
+        plain = (dt, dc)
         rows.append(("plain loop (2 fwd/step, dynamic cache)", 1, dt, steps / dt, dc, peak_mb(device)))
+    ratios = []
     for b in args.batch:
         gens = [torch.Generator(device).manual_seed(i) for i in range(b)]
+        bare_forward_loop(model, prompt, b, 32, 32)  # warm-up
         generate_image_tokens(model, [prompt] * b, height=32, width=32, generator=gens, compile=args.compile)  # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        sync(device)
-        t, c = time.perf_counter(), time.process_time()
-        generate_image_tokens(model, [prompt] * b, height=size, width=size, generator=gens, compile=args.compile)
-        sync(device)
-        dt, dc = time.perf_counter() - t, time.process_time() - c
+        # the two loops alternate, so that a change of load on a shared machine hits both alike
+        bare, ours = [], []
+        for _ in range(args.repeats):
+            bare.append(timed(device, 1, lambda: bare_forward_loop(model, prompt, b, size, size)))
+            ours.append(timed(device, 1, lambda: generate_image_tokens(
+                model, [prompt] * b, height=size, width=size, generator=gens, compile=args.compile)))
+        (bt, bc), (dt, dc) = min(bare), min(ours)
+        rows.append(("bare forward (static cache, argmax only)", b, bt / b, steps / bt, bc / b, peak_mb(device)))
         name = f"lumina_hf batched CFG, static cache{' + compile' if args.compile else ''}"
         rows.append((name, b, dt / b, steps / dt, dc / b, peak_mb(device)))
+        ratios.append((b, dt / bt, min(c for _, c in ours) / min(c for _, c in bare), dt, dc))
 
     floor = None
     if device.type == "cuda":
         floor = weight_bytes / (args.bandwidth_gbs * 1e9) * steps
-    print(f"\nmodel={args.model} device={device} dtype={dtype} image={size}x{size} steps/image={steps}")
+    print(f"\nmodel={args.model} device={device} dtype={dtype} threads={torch.get_num_threads()} image={size}x{size} "
+          f"steps/image={steps} repeats={args.repeats} (best run kept)")
     # CPU seconds (process time, all threads) are less disturbed by other load than wall time.
     print(f"{'method':48s} {'batch':>5s} {'s/image':>9s} {'steps/s':>9s} {'cpu s/img':>9s} {'peak MB':>9s}")
     for name, b, spi, sps, cpi, mem in rows:
         print(f"{name:48s} {b:5d} {spi:9.3f} {sps:9.1f} {cpi:9.3f} {mem:9.0f}")
-    if rows and not args.skip_plain:
-        base, base_cpu = rows[0][3], rows[0][4]
-        for name, b, _, sps, cpi, _ in rows[1:]:
-            print(f"batch {b}: {sps / base:.2f}x the plain loop's steps/s (wall), {base_cpu / cpi:.2f}x less CPU time per image")
+    for b, wall, cpu, dt, dc in ratios:
+        line = f"batch {b}: ours / bare forward = {wall:.2f}x wall, {cpu:.2f}x CPU time"
+        if plain is not None:
+            line += f"; {plain[0] / (dt / b):.2f}x the plain loop's images/s (wall), {plain[1] / (dc / b):.2f}x less CPU time per image"
+        print(line)
     if floor is not None:
         print(f"memory-bandwidth floor, batch 1 (weights read once per step): {floor:.2f} s/image")
 

@@ -128,8 +128,6 @@ def nano_table(args):
 
 def cost_table(args):
     """Time of one decoding forward per window size against a filled static cache (CUDA, random weights)."""
-    from transformers import StaticCache
-
     from lumina_hf import LuminaMGPTConfig, LuminaMGPTForConditionalGeneration
     from lumina_hf.speculative import _WindowStep  # the decode step the speculative loop runs
 
@@ -154,13 +152,14 @@ def cost_table(args):
     base = None
     for window in (1, *args.windows):
         total = prompt_len + span + window + 1
-        cache = StaticCache(config=model.config, max_cache_len=total)
         mask = torch.ones((rows, total), dtype=torch.long, device=device)
-        step = _WindowStep(model, code_ids, args.compile)
+        step = _WindowStep(model, code_ids, args.compile, total)
+        step.start()
         with torch.no_grad():
             ids = torch.randint(4, 8000, (rows, prompt_len + span // 2), device=device)
             pos = torch.arange(ids.shape[1], device=device).expand(rows, -1)
-            model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=step.cache, use_cache=True)
+            step.load_head(model)
             tok = torch.randint(4, 8000, (rows, window), device=device)
             p = ids.shape[1] + torch.arange(window, device=device).expand(rows, -1)
             times = []
@@ -168,11 +167,11 @@ def cost_table(args):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                step(tok, p, mask, cache)
+                step(tok, p, mask)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
-                cache.crop(-window)  # the next forward writes the same slots again, as the loop does
+                step.cache.crop(-window)  # the next forward writes the same slots again, as the loop does
         ms = 1000 * sorted(times[3:])[len(times[3:]) // 2]
         base = base or ms
         print(f"{window:6d} {ms:10.2f} {ms / base:11.2f}")

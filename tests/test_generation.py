@@ -393,14 +393,29 @@ def test_cli_generate_writes_image(tmp_path):
     assert not (tmp_path / "y.png").exists()
 
 
-def test_compiled_decode_step_gives_the_same_tokens(model, processor):
-    """`compile=True` runs the decode step through torch.compile (inductor on CPU): same tokens as eager."""
-    p = prompt_ids(processor, "a red circle", 32, 32)
-    eager = generate_image_tokens(model, [p, p], height=32, width=32, generator=[torch.Generator().manual_seed(i) for i in range(2)])
-    compiled = generate_image_tokens(
-        model, [p, p], height=32, width=32, generator=[torch.Generator().manual_seed(i) for i in range(2)], compile=True
-    )
-    assert torch.equal(eager.sequences, compiled.sequences)
+def test_compiled_decode_step_compiles_once_and_gives_the_same_tokens(model, processor):
+    """`compile="reduce-overhead"` (CUDA graphs on a GPU; plain inductor code on CPU): the decode step compiles
+    once, in one graph, and a second image of the same batch size with a prompt of another length runs without
+    a recompilation. Every image has the tokens of the eager loop."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    short = prompt_ids(processor, "a red circle", 32, 32)
+    long = prompt_ids(processor, "two green triangles on a white background, seen from above", 32, 32)
+    assert len(short) != len(long)
+
+    def run(prompt, compile):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return generate_image_tokens(model, [prompt, prompt], height=32, width=32, generator=gens, compile=compile).sequences
+
+    first = run(short, "reduce-overhead")
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    second = run(long, "reduce-overhead")
+    assert counters["stats"]["unique_graphs"] == 1, "the second image recompiled the decode step"
+    assert torch.equal(first, run(short, False)) and torch.equal(second, run(long, False))
+    with pytest.raises(ValueError, match="not a torch.compile mode"):
+        generate_image_tokens(model, [short], height=32, width=32, compile="fast")
 
 
 def test_pipeline_to_dtype_keeps_vqgan_fp32():
@@ -446,3 +461,86 @@ def test_cli_default_model_is_nano_with_a_clear_error_when_absent(tmp_path, monk
     with pytest.raises(SystemExit, match="nano model is not in this installation"):
         main(["generate", "a red circle", "-o", str(tmp_path / "x.png")])
     assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------- a loop that never waits for the device
+def guarded_loop(monkeypatch):
+    """Run `_decode_loop` (the per-token loop, not the prefill) under the host-read guard; returns the list of
+    offending calls seen across all guarded runs."""
+    from sync_guard import no_host_reads
+
+    import lumina_hf.generation_lumina_mgpt as gen
+
+    seen = []
+    original = gen._decode_loop
+
+    def wrapper(*args, **kwargs):
+        with no_host_reads() as offenders:
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seen.extend(offenders)
+
+    monkeypatch.setattr(gen, "_decode_loop", wrapper)
+    return seen
+
+
+def test_decode_loop_never_reads_the_device(model, processor, monkeypatch):
+    """Sampled with per-image generators, with one generator, greedy, without guidance, with a callback and a
+    progress bar, and with rows of different sizes (sampled size tokens): no `.item()`, `int()`, `bool()`,
+    `.tolist()`, scalar read or data-dependent shape inside the per-token loop."""
+    seen = guarded_loop(monkeypatch)
+    p = prompt_ids(processor, "a red circle", 64, 32)
+    q = prompt_ids(processor, "a much longer prompt about two blue squares", 64, 32)
+    steps = []
+
+    class Bar:
+        def update(self, n):
+            steps.append(n)
+
+    runs = [
+        dict(generator=[torch.Generator().manual_seed(i) for i in range(2)], callback=lambda s, t: False, progress_bar=Bar()),
+        dict(generator=torch.Generator().manual_seed(0)),
+        dict(do_sample=False, guidance_scale=1.0),
+    ]
+    for kw in runs:
+        out = generate_image_tokens(model, [p, q], height=32, width=64, guidance_scale=kw.pop("guidance_scale", 3.0), **kw)
+        assert tuple(out.sequences.shape) == (2, 3 + 2 * 5 + 1)
+    assert len(steps) == 2 * 5 + 1
+    small = build_tiny_model(seed=1, max_size_units=3)
+    mixed = generate_image_tokens(small, [p, q, p], force_size=False, generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    assert len(set(mixed.sizes)) == 3  # these seeds give three sizes: the per-row ("mixed") schedule ran
+    assert seen == []
+
+
+def test_sync_guard_catches_a_host_read(model, processor, monkeypatch):
+    """The guard is not blind: an `int(tensor)` slipped into the loop (here inside the sampler) fails the run."""
+    import lumina_hf.generation_lumina_mgpt as gen
+    from sync_guard import HostReadError
+
+    seen = guarded_loop(monkeypatch)
+    original = gen.gumbel_sample
+
+    def reads_back(logits, uniform, temperature):
+        choice = original(logits, uniform, temperature)
+        int(choice[0])  # a host read, as a careless edit would add
+        return choice
+
+    monkeypatch.setattr(gen, "gumbel_sample", reads_back)
+    p = prompt_ids(processor, "a", 32, 32)
+    with pytest.raises(HostReadError):
+        generate_image_tokens(model, [p], height=32, width=32, generator=torch.Generator().manual_seed(0))
+    assert seen and all("__int__" in s or "_local_scalar_dense" in s for s in seen)
+
+
+def test_prefill_goes_through_the_model_forward(model, processor):
+    """The prompt is run by the model's own forward, once per call (hooks on it, such as diffusers' model CPU
+    offload, move the model to its execution device first); the decode steps call the decoder directly."""
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        p = prompt_ids(processor, "a", 32, 32)
+        generate_image_tokens(model, [p, p], height=32, width=32, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert calls == [1]

@@ -2,7 +2,13 @@
 
 Importing the package registers the model, config, processor and image processor with the transformers
 Auto classes, so `AutoModel.from_pretrained(folder)` works without `trust_remote_code`.
+
+The import needs torch and transformers only: the diffusers pipeline (`LuminaMGPTPipeline`,
+`LuminaMGPTPipelineOutput`) and the checkpoint conversion (`convert_checkpoint`) are imported on first use,
+so the model and the generation loop run where diffusers, TRL or datasets are not installed.
 """
+
+import importlib
 
 from transformers import (
     AutoConfig,
@@ -14,11 +20,9 @@ from transformers import (
 )
 
 from .configuration_lumina_mgpt import LuminaMGPTConfig, LuminaMGPTVQConfig
-from .convert_lumina_mgpt import convert_checkpoint
 from .image_processing_lumina_mgpt import LuminaMGPTImageProcessor
 from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration, LuminaMGPTModel, LuminaMGPTPreTrainedModel
 from .modeling_vqgan import LuminaMGPTVQGAN
-from .pipeline_lumina_mgpt import LuminaMGPTPipeline, LuminaMGPTPipelineOutput
 from .processing_lumina_mgpt import LuminaMGPTProcessor, text_to_image_prompt
 
 __version__ = "0.1.0"
@@ -35,6 +39,33 @@ def _register() -> None:
 
 
 _register()
+
+# public names whose modules import optional libraries: loaded on first access (`from lumina_hf import X` works)
+_LAZY = {
+    "LuminaMGPTPipeline": ".pipeline_lumina_mgpt",
+    "LuminaMGPTPipelineOutput": ".pipeline_lumina_mgpt",
+    "convert_checkpoint": ".convert_lumina_mgpt",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        try:
+            module = importlib.import_module(_LAZY[name], __name__)
+        except ModuleNotFoundError as err:
+            missing = err.name or "a dependency"
+            raise ImportError(
+                f"lumina_hf.{name} needs {missing}, which is not installed: `pip install {missing}` (the model, the "
+                "processor and generate_image_tokens work without it)."
+            ) from err
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "LuminaMGPTConfig",

@@ -1,11 +1,17 @@
-"""Guided image decoding for Lumina-mGPT, on public transformers APIs only
-(the model's `forward`, `StaticCache`, `LogitsProcessor`).
+"""Guided image decoding for Lumina-mGPT (classifier-free guidance on raw logits, the UniRep grid
+constraint, top-k, temperature), on public transformers APIs only (the model's `forward`, `StaticCache`,
+`LogitsProcessor`).
 
 Why our own loop instead of `model.generate(guidance_scale=...)`: transformers runs the unconditional
 branch as a second, eager forward per step (the reference's cost: the weights are read twice per step).
-Here the conditional and unconditional rows are one left-padded batch with one static KV cache, the grid
-constraint is computed from the step index alone (no host synchronisation), and the sampler only looks at
-the image-code logits inside an image.
+Here the conditional and unconditional rows are one left-padded batch with one static KV cache, and the
+sampler only looks at the image-code logits inside an image.
+
+The per-token loop never waits for the device: what each step writes (an image code, a row end, the image
+end) is planned on the host from Python ints before the loop, and noise, guidance, top-k and sampling stay
+on the device, so on a GPU the host queues steps ahead of the kernels. The decode step can be
+`torch.compile`d (with CUDA graphs in "reduce-overhead" mode): its inputs have fixed shapes (the static cache
+length is rounded up to a multiple of 256), so it compiles once per batch size.
 
 Sampling uses the Gumbel-max form of multinomial sampling: `argmax(log_softmax(z / T) - log(-log U))`
 with `U` uniform noise drawn per row and per step from that row's `torch.Generator` over the codebook (in
@@ -14,6 +20,7 @@ batch it is in (given a per-row generator) and reproducible by a plain reference
 """
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,14 +60,33 @@ def normalize_generators(generator, batch_size: int) -> list[torch.Generator] | 
     return generator
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move `t` to `device` without making the host wait: a CPU tensor bound for a CUDA device goes through
+    pinned memory with a non-blocking copy (a plain copy from pageable memory blocks the host until the GPU
+    has finished everything queued before it)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def draw_uniform(generator, rows: int, n: int, device) -> torch.Tensor:
-    """`(rows, n)` uniform noise in (0, 1): one draw of `n` per row from that row's generator, or one
-    `(rows, n)` draw from a single generator."""
-    if isinstance(generator, list):
-        u = torch.stack([torch.rand(n, generator=g, device=g.device) for g in generator]).to(device)
+    """`(rows, n)` uniform noise in (0, 1) on `device`: one draw of `n` per row from that row's generator,
+    or one `(rows, n)` draw from a single generator (the global RNG of `device` when None). Each draw is
+    made on its generator's device; CPU draws reach a CUDA device by a non-blocking copy."""
+    device = torch.device(device)
+    if isinstance(generator, list) and all(g.device == device for g in generator):
+        # each row filled in place from its own generator: the numbers `torch.rand(n, generator=g)` gives
+        u = torch.empty((len(generator), n), device=device)
+        for row, g in zip(u, generator):
+            row.uniform_(generator=g)
+    elif isinstance(generator, list):
+        u = torch.stack([_to_device(torch.rand(n, generator=g, device=g.device), device) for g in generator])
     else:
         gen_device = generator.device if generator is not None else device
-        u = torch.rand((rows, n), generator=generator, device=gen_device).to(device)
+        u = _to_device(torch.rand((rows, n), generator=generator, device=gen_device), device)
     return u.clamp_(min=torch.finfo(u.dtype).tiny)
 
 
@@ -68,13 +94,17 @@ def gumbel_sample(logits: torch.Tensor, uniform: torch.Tensor, temperature: floa
     """Index sampled from `softmax(logits / temperature)` (rows), using the given uniform noise. Entries at
     -inf (filtered by top-k or a constraint) are never chosen."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.argmax(logp - torch.log(-torch.log(uniform)), dim=-1)
+    gumbel = torch.log(uniform).neg_().log_()  # -Gumbel noise, log(-log(u)), in one buffer
+    return torch.argmax(logp.sub_(gumbel), dim=-1)
 
 
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Set every logit below the row's k-th largest to -inf (ties with the k-th largest are kept)."""
     if k is None or k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    # the k-th largest value is the smallest of the top k: unsorted selection skips sorting them (half the cost
+    # on CPU at k=2000 of 8192) and gives the same threshold
+    kth = torch.topk(logits, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
@@ -147,31 +177,183 @@ def _left_pad(contexts: list[list[int]], pad_id: int, total: int, device):
     return ids.to(device), mask.to(device), pos.to(device)
 
 
+# torch.compile modes accepted by `compile=` (True means the default mode). The two that capture CUDA graphs
+# replay one recorded graph per batch size; its output buffer is reused by the next replay.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# The static cache length is rounded up to a multiple of this, so prompts of different lengths share one
+# compiled decode step (the cache and the attention mask have the same shape).
+CACHE_LENGTH_MULTIPLE = 256
+
+
+def _check_compile(compile) -> None:
+    if isinstance(compile, bool):
+        return
+    if not isinstance(compile, str) or compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r} is not a torch.compile mode: use True, False or one of {', '.join(COMPILE_MODES)}.")
+
+
+def _cache_length(total: int, max_positions: int) -> int:
+    """`total` rounded up to a multiple of `CACHE_LENGTH_MULTIPLE`, but never past the model's context (unless
+    `total` itself is)."""
+    rounded = -(-total // CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE
+    return max(total, min(rounded, max_positions))
+
+
 class _DecodeStep:
     """One decoding step `(token (R, 1), position (R, 1)) -> image-code logits (R, n_codes)` against a static
     cache. Only the lm_head rows of the image codes are applied (inside an image nothing else can be
     sampled), which skips most of the 65536-wide head. Optionally `torch.compile`d: every input has a fixed
-    shape, so it compiles once per batch size."""
+    shape, so it compiles once per batch size and cache length.
 
-    def __init__(self, model, code_ids: torch.Tensor, compile: bool | str = False):
-        self.model = model
-        self.head = model.lm_head.weight.index_select(0, code_ids)
+    A compiled step keeps its cache and its gathered head between calls (see `_decode_step_for`): CUDA graphs
+    are recorded against fixed addresses, and new tensors every image would force a new recording."""
+
+    def __init__(self, model, code_ids: torch.Tensor, compile: bool | str, cache_len: int):
+        # the decoder, not the whole model: `_COMPILED_STEPS` is keyed weakly by the model
+        self.decoder = model.model
+        self.compile = compile
+        self.cache_len = cache_len
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        self.head = None
+        self.code_ids = code_ids
+        self.marks_steps = compile in _CUDA_GRAPH_MODES
         fn = self._step
         if compile:
-            mode = compile if isinstance(compile, str) else None
+            mode = compile if isinstance(compile, str) and compile != "default" else None
             fn = torch.compile(fn, mode=mode, fullgraph=False, dynamic=False)
         self.fn = fn
-        self.calls = 0
+
+    def start(self) -> None:
+        """Ready for a new image: an empty cache (the same tensors, zeroed)."""
+        self.cache.reset()
+
+    def load_head(self, model) -> None:
+        """Gather the image-code rows of the model's current lm_head (adapters may have changed it since the
+        last call), into the same tensor when the step already has one. Called after the prefill, which has
+        put the model on its execution device."""
+        rows = model.lm_head.weight.detach()
+        rows = rows.index_select(0, self.code_ids.to(rows.device))
+        if self.head is None or self.head.shape != rows.shape or self.head.device != rows.device or self.head.dtype != rows.dtype:
+            self.head = rows
+            if self.compile:
+                # a fixed address across images: CUDA graphs read it in place instead of copying it every step
+                torch._dynamo.mark_static_address(self.head)
+        else:
+            self.head.copy_(rows)
 
     def _step(self, token, position, mask, cache):
-        hidden = self.model.model(
+        hidden = self.decoder(
             input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
         ).last_hidden_state
-        return F.linear(hidden[:, -1], self.head)
+        return F.linear(hidden[:, -1].to(self.head.device), self.head)
 
-    def __call__(self, token, position, mask, cache):
+    def __call__(self, token, position, mask):
+        if self.marks_steps:
+            # each replay overwrites the previous step's output buffer, which has been consumed by now
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.fn(token, position, mask, self.cache)
+
+
+# The last compiled decode step of each model (one per model: a 7B cache at batch 16 holds tens of GB).
+_COMPILED_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, _DecodeStep]" = weakref.WeakKeyDictionary()
+
+
+def _decode_step_for(model, code_ids: torch.Tensor, compile: bool | str, cache_len: int, rows: int, device) -> _DecodeStep:
+    """A decode step for `rows` cache rows of `cache_len` positions. Eager steps are built for each call;
+    a compiled step is reused while the model, mode, batch shape, dtype and device stay the same, so that the
+    compiled graph (and any CUDA graph recorded for it) sees the same cache tensors image after image."""
+    if not compile:
+        return _DecodeStep(model, code_ids, compile, cache_len)
+    key = (compile, cache_len, rows, model.dtype, torch.device(device))
+    step = _COMPILED_STEPS.get(model)
+    if step is None or getattr(step, "key", None) != key:
+        _COMPILED_STEPS.pop(model, None)  # free the old cache before allocating the new one
+        step = _DecodeStep(model, code_ids, compile, cache_len)
+        step.key = key
+        _COMPILED_STEPS[model] = step
+    return step
+
+
+def clear_decode_cache(model=None) -> None:
+    """Drop the compiled decode step (and its static KV cache) kept for `model`, or for every model. The next
+    compiled call allocates a new cache; on CUDA the memory returns to PyTorch's allocator."""
+    if model is None:
+        _COMPILED_STEPS.clear()
+    else:
+        _COMPILED_STEPS.pop(model, None)
+
+
+def _decode_loop(
+    step_fn: _DecodeStep,
+    logits: torch.Tensor,
+    schedule: list[str],
+    *,
+    out_tokens: torch.Tensor,
+    code_ids: torch.Tensor,
+    position: torch.Tensor,
+    mask: torch.Tensor,
+    guidance_scale: float,
+    use_cfg: bool,
+    image_top_k: int | None,
+    temperature: float,
+    do_sample: bool,
+    generator,
+    grid_shape: tuple[torch.Tensor, torch.Tensor] | None,
+    callback,
+    progress_bar,
+) -> bool:
+    """The per-token loop: sample step `s` from `logits`, write it to `out_tokens[:, s]`, feed it. Returns True
+    when the callback interrupted it before the last step.
+
+    Nothing here reads a device value on the host: what each step writes ("code", "row_end", "end", or
+    "mixed" for rows of different grid sizes, resolved per row on the device from `grid_shape`) is planned
+    in `schedule` from Python ints, and noise, guidance, top-k and sampling stay on the device. The host
+    only queues work, so on CUDA it runs ahead of the GPU."""
+    batch, n_steps = out_tokens.shape
+    n_codes = code_ids.numel()
+    device = out_tokens.device
+    for s, kind in enumerate(schedule):
+        # Noise is drawn at every grid position before the end token (row ends included), so a row's draws
+        # do not depend on the sizes of the other rows in the batch.
+        noise = draw_uniform(generator, batch, n_codes, device) if do_sample and kind != "end" else None
+        if kind in ("code", "mixed"):
+            code_logits = logits.float()
+            if use_cfg:
+                cond, unc = code_logits[:batch], code_logits[batch:]
+                code_logits = unc + guidance_scale * (cond - unc)
+            code_logits = top_k_filter(code_logits, image_top_k)
+            choice = gumbel_sample(code_logits, noise, temperature) if do_sample else code_logits.argmax(-1)
+            token = code_ids[choice]
+            if kind == "mixed":
+                rows_t, cols_t, row_end, end = grid_shape
+                token = torch.where(s % (cols_t + 1) == cols_t, row_end, token)
+                token = torch.where(rows_t * (cols_t + 1) <= s, end, token)
+            out_tokens[:, s] = token
+        # "row_end" and "end" steps: `out_tokens` already holds the forced token (filled before the loop)
+        logits = None  # the step's output has been consumed (a CUDA-graph replay reuses its buffer)
+        if progress_bar is not None:
+            progress_bar.update(1)
+        # the callback sees the tokens so far and may replace them in place: what it leaves is what is fed
+        if callback is not None and callback(s, out_tokens[:, : s + 1]):
+            return s + 1 < n_steps
+        if s + 1 == n_steps or schedule[s + 1] == "end":
+            continue  # the end token is forced: no logits needed for it
+        feed = out_tokens[:, s].repeat(2) if use_cfg else out_tokens[:, s]
+        position = position + 1
+        logits = step_fn(feed[:, None], position, mask)
+    return False
+
+
+class _CountedCalls:
+    """A decode step that counts its calls (for `ImageGenerationOutput.num_forwards`)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
         self.calls += 1
-        return self.fn(token, position, mask, cache)
+        return self.fn(*args)
 
 
 def _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator, device) -> list[tuple[int, int]]:
@@ -217,26 +399,35 @@ def generate_image_tokens(
     compile: bool | str = False,
     callback: Callable[[int, torch.Tensor], bool] | None = None,
     progress_bar=None,
+    device: torch.device | str | None = None,
     speculative_window: int | None = None,
 ) -> ImageGenerationOutput:
-    """Generate one image per prompt with classifier-free guidance (Lumina-mGPT's sampler: guidance on raw logits
-    inside the image, the UniRep grid constraint, image top-k, temperature).
+    """Generate one image per prompt with classifier-free guidance: the conditional and unconditional rows
+    share one batch and one static KV cache, and the per-token loop never waits for the device.
 
     Args:
         prompts: token id lists, each the full conditional context up to and including the last user
             separator (`<s>...<reserved08706>`); the image prefix is appended here.
         height, width: pixels (multiples of the 32 px grid unit). Forced as the size tokens when
-            `force_size`; otherwise the model samples them as in the reference.
+            `force_size`; otherwise the model samples them as the reference does.
         negative_prompts: per-prompt unconditional context before the image prefix (default: none, i.e.
             the unconditional row is the image alone `[<racm3:break>, h, w, ...]`, positions from 0).
         guidance_scale: `uncond + g * (cond - uncond)` on raw logits inside the image; 1.0 skips the
             unconditional rows.
         image_top_k, temperature, do_sample: sampling after guidance and the grid constraint.
         generator: one `torch.Generator`, or a list with one per prompt (results then do not depend on
-            the batch a prompt is in).
-        compile: `torch.compile` the decode step (`True` or a mode such as "reduce-overhead").
-        callback: `callback(step, tokens_so_far) -> stop`; returning True interrupts the loop.
+            the batch a prompt is in). On CUDA, generators on the GPU keep the noise there; CPU generators
+            work too (their draws are copied over without blocking).
+        compile: `torch.compile` the decode step: True (default mode) or one of `COMPILE_MODES`;
+            "reduce-overhead" and "max-autotune" replay it as a CUDA graph on GPUs. It compiles once per
+            batch size (and per 256-token bucket of prompt + image length); the compiled step keeps its
+            static cache for the next call of the same shape (`clear_decode_cache(model)` frees it), so
+            compiled calls on one model must not run concurrently.
+        callback: `callback(step, tokens_so_far) -> stop`, called after every step; return a Python bool
+            (True interrupts the loop). A tensor returned here would make the host wait for the device.
         progress_bar: an object with `update(n)` (e.g. a tqdm bar).
+        device: where the inputs and the sampler live (default: the model's device). A pipeline with
+            model CPU offload passes its execution device: the first forward moves the model there.
         speculative_window: `None` or 0 for plain decoding (one token per forward); `N >= 1` for lossless
             speculative Jacobi decoding (`lumina_hf.speculative`): each forward feeds `N` tokens per row (the
             last decided one and `N - 1` drafts) and decides up to `N`, sampling the same distribution as plain
@@ -256,8 +447,14 @@ def generate_image_tokens(
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.")
     if negative_prompts is not None and len(negative_prompts) != batch:
         raise ValueError(f"{len(negative_prompts)} negative prompts for {batch} prompts: give one per prompt.")
+    if getattr(cfg, "mask_image_logits", False):
+        raise ValueError(
+            "this model's config has mask_image_logits=True (stock Chameleon): its forward hides every image-code "
+            "logit, so it cannot write images. Set model.config.mask_image_logits = False to generate."
+        )
+    _check_compile(compile)
     generator = normalize_generators(generator, batch)
-    device = model.device
+    device = torch.device(device) if device is not None else model.device
     layout = cfg.unirep
     if speculative_window is not None:
         if isinstance(speculative_window, bool) or not isinstance(speculative_window, int) or speculative_window < 0:
@@ -293,7 +490,7 @@ def generate_image_tokens(
         return speculative_generate(
             model, prompts, sizes, window=min(speculative_window, largest), negative_prompts=negative_prompts,
             guidance_scale=guidance_scale, image_top_k=image_top_k, temperature=temperature, do_sample=do_sample,
-            generator=generator, compile=compile, callback=callback, progress_bar=progress_bar,
+            generator=generator, compile=compile, callback=callback, progress_bar=progress_bar, device=device,
             forwards_before=forwards_before,
         )
 
@@ -316,68 +513,68 @@ def generate_image_tokens(
             f"model's context of {cfg.max_position_embeddings} tokens: shorten the prompt or ask for a smaller image."
         )
     prompt_len = max(len(c) for c in contexts)
-    total = prompt_len + n_steps
-    ids, mask, pos = _left_pad(contexts, cfg.pad_token_id, total, device)
+    cache_len = _cache_length(prompt_len + n_steps, cfg.max_position_embeddings)
+    ids, mask, pos = _left_pad(contexts, cfg.pad_token_id, cache_len, device)
 
     # Image codes in code order: the sampler works on this gathered slice of the vocabulary.
     code_ids = model.model.image_code_to_id.to(device)
-    n_codes = code_ids.numel()
-    out_tokens = torch.full((batch, n_steps), cfg.image_end_token_id, dtype=torch.long, device=device)
-    row_end = torch.full((batch,), cfg.image_row_end_token_id, dtype=torch.long, device=device)
-    end = torch.full((batch,), cfg.image_end_token_id, dtype=torch.long, device=device)
-    schedule = layout.step_kinds(grid_rows[0], grid_cols[0], n_steps) if uniform else ["mixed"] * n_steps
-    if not uniform:  # per-row grid shapes, on the device once, for the per-step masks
-        rows_t = torch.tensor(grid_rows, device=device)
-        cols_t = torch.tensor(grid_cols, device=device)
+    if uniform:
+        schedule = layout.step_kinds(grid_rows[0], grid_cols[0], n_steps)
+        forced = [cfg.image_row_end_token_id if k == "row_end" else cfg.image_end_token_id for k in schedule]
+        out_tokens = torch.tensor([forced] * batch, dtype=torch.long).to(device)
+        grid_shape = None
+    else:  # rows of different grid sizes: each step is resolved per row on the device
+        schedule = ["mixed"] * n_steps
+        out_tokens = torch.full((batch, n_steps), cfg.image_end_token_id, dtype=torch.long, device=device)
+        grid_shape = (
+            torch.tensor(grid_rows, device=device),
+            torch.tensor(grid_cols, device=device),
+            torch.full((batch,), cfg.image_row_end_token_id, dtype=torch.long, device=device),
+            torch.full((batch,), cfg.image_end_token_id, dtype=torch.long, device=device),
+        )
 
-    cache = StaticCache(config=cfg, max_cache_len=total)
-    step_fn = _DecodeStep(model, code_ids, compile)
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-    logits = F.linear(hidden.last_hidden_state[:, -1], step_fn.head)
-    position = pos[:, -1:]
-    interrupted = False
-    for s, kind in enumerate(schedule):
-        # Noise is drawn at every grid position before the end token (row ends included), so a row's draws
-        # do not depend on the sizes of the other rows in the batch.
-        noise = draw_uniform(generator, batch, n_codes, device) if do_sample and kind != "end" else None
-        if kind in ("code", "mixed"):
-            code_logits = logits.float()
-            if use_cfg:
-                cond, unc = code_logits[:batch], code_logits[batch:]
-                code_logits = unc + guidance_scale * (cond - unc)
-            code_logits = top_k_filter(code_logits, image_top_k)
-            choice = gumbel_sample(code_logits, noise, temperature) if do_sample else code_logits.argmax(-1)
-            token = code_ids[choice]
-            if kind == "mixed":
-                token = torch.where(s % (cols_t + 1) == cols_t, row_end, token)
-                token = torch.where(rows_t * (cols_t + 1) <= s, end, token)
-        else:
-            token = row_end if kind == "row_end" else end
-        out_tokens[:, s] = token
-        if progress_bar is not None:
-            progress_bar.update(1)
-        # the callback sees the tokens so far and may replace them in place: what it leaves is what is fed
-        if callback is not None and callback(s, out_tokens[:, : s + 1]):
-            interrupted = s + 1 < n_steps
-            break
-        if s + 1 == n_steps or schedule[s + 1] == "end":
-            continue  # the end token is forced: no logits needed for it
-        feed = out_tokens[:, s].repeat(2) if use_cfg else out_tokens[:, s]
-        position = position + 1
-        logits = step_fn(feed[:, None], position, mask, cache)
+    step_fn = _decode_step_for(model, code_ids, compile, cache_len, len(contexts), device)
+    step_fn.start()
+    # The prompt goes through the model's own forward (so hooks such as CPU offload move the model to the
+    # device first); only the last position's image-code logits are kept.
+    prefill = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=step_fn.cache, use_cache=True, logits_to_keep=1)
+    logits = prefill.logits[:, -1].index_select(-1, code_ids.to(prefill.logits.device)).to(device)
+    del prefill
+    step_fn.load_head(model)
+    counted = _CountedCalls(step_fn)
+    interrupted = _decode_loop(
+        counted,
+        logits,
+        schedule,
+        out_tokens=out_tokens,
+        code_ids=code_ids,
+        position=pos[:, -1:],
+        mask=mask,
+        guidance_scale=guidance_scale,
+        use_cfg=use_cfg,
+        image_top_k=image_top_k,
+        temperature=temperature,
+        do_sample=do_sample,
+        generator=generator,
+        grid_shape=grid_shape,
+        callback=callback,
+        progress_bar=progress_bar,
+    )
 
-    prefix = torch.tensor(prefixes, dtype=torch.long, device=device)
+    prefix = torch.tensor(prefixes, dtype=torch.long).to(device)
     if uniform:
         sequences = torch.cat([prefix, out_tokens], dim=1)
     else:
         sequences = [torch.cat([prefix[b], out_tokens[b, : span[b]]]) for b in range(batch)]
     return ImageGenerationOutput(
-        sequences=sequences, sizes=sizes, interrupted=interrupted, num_forwards=forwards_before + 1 + step_fn.calls
+        sequences=sequences, sizes=sizes, interrupted=interrupted, num_forwards=forwards_before + 1 + counted.calls
     )
 
 
 __all__ = [
+    "COMPILE_MODES",
     "ImageGenerationOutput",
+    "clear_decode_cache",
     "UniRepLogitsProcessor",
     "generate_image_tokens",
     "gumbel_sample",

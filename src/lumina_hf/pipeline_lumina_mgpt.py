@@ -244,7 +244,8 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                 tokens so far); a returned "tokens" replaces them, and the next step is fed what it holds. Set
                 `pipe._interrupt = True` in it to stop (the images are then not decoded).
             force_size: write the size tokens for `height`/`width` (default) or let the model sample them.
-            compile: `torch.compile` the decoding step.
+            compile: `torch.compile` the decoding step: True or a mode ("reduce-overhead" replays it as a CUDA
+                graph on GPUs); it compiles once per batch size and keeps its static cache for the next call.
             num_candidates: text-to-image only: sample this many candidates for every requested image (in one
                 batch) and keep the one whose caption the model itself finds most likely, i.e. the highest
                 log-likelihood of the prompt as the answer to its Omni "describe" task on the candidate. Costs
@@ -356,6 +357,7 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                 compile=compile,
                 callback=on_step,
                 progress_bar=bar,
+                device=self._execution_device,
                 speculative_window=speculative_window,
             )
         if out.interrupted:

@@ -54,9 +54,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import StaticCache
 
-from .generation_lumina_mgpt import ImageGenerationOutput, _left_pad, draw_uniform, top_k_filter
+from .generation_lumina_mgpt import (
+    _COMPILED_STEPS,
+    ImageGenerationOutput,
+    _cache_length,
+    _DecodeStep,
+    _left_pad,
+    draw_uniform,
+    top_k_filter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,28 +71,31 @@ DRAFT_INITS = ("above", "left", "random")
 COUPLINGS = ("gumbel", "maximal", "independent")
 
 
-class _WindowStep:
-    """One decoding forward over a window: `(tokens (R, W), positions (R, W)) -> image-code logits
-    (R, W, n_codes)` against the static cache. Only the lm_head rows of the image codes are applied. Optionally
-    `torch.compile`d: every input has a fixed shape, so it compiles once per batch size and window."""
-
-    def __init__(self, model, code_ids: torch.Tensor, compile: bool | str = False):
-        self.decoder = model.model
-        self.head = model.lm_head.weight.detach().index_select(0, code_ids.to(model.lm_head.weight.device))
-        fn = self._step
-        if compile:
-            mode = compile if isinstance(compile, str) and compile != "default" else None
-            fn = torch.compile(fn, mode=mode, fullgraph=False, dynamic=False)
-        self.fn = fn
+class _WindowStep(_DecodeStep):
+    """The decode step over a window: `(tokens (R, W), positions (R, W)) -> image-code logits (R, W, n_codes)`
+    against the step's static cache; otherwise the single-token step (image-code rows of the head only,
+    optional `torch.compile` with CUDA graphs, cache kept between compiled calls)."""
 
     def _step(self, token, position, mask, cache):
         hidden = self.decoder(
             input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
         ).last_hidden_state
-        return F.linear(hidden, self.head)
+        return F.linear(hidden.to(self.head.device), self.head)
 
-    def __call__(self, token, position, mask, cache):
-        return self.fn(token, position, mask, cache)
+
+def _window_step_for(model, code_ids, compile, cache_len: int, rows: int, window: int, device) -> _WindowStep:
+    """As `_decode_step_for`: eager steps per call; a compiled one reused while its shapes stay the same. It takes
+    the model's one slot for a kept compiled step (so `clear_decode_cache` frees it too)."""
+    if not compile:
+        return _WindowStep(model, code_ids, compile, cache_len)
+    key = ("window", window, compile, cache_len, rows, model.dtype, torch.device(device))
+    step = _COMPILED_STEPS.get(model)
+    if step is None or getattr(step, "key", None) != key:
+        _COMPILED_STEPS.pop(model, None)  # free the old cache before allocating the new one
+        step = _WindowStep(model, code_ids, compile, cache_len)
+        step.key = key
+        _COMPILED_STEPS[model] = step
+    return step
 
 
 def speculative_accept(p_draft: torch.Tensor, q_draft: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -123,12 +133,13 @@ def speculative_generate(
     progress_bar=None,
     draft_init: str = "above",
     coupling: str = "gumbel",
+    device=None,
     forwards_before: int = 0,
 ) -> ImageGenerationOutput:
     """Generate one image per prompt (sizes already chosen) with speculative Jacobi decoding, `window` tokens per
     forward. Arguments as `generate_image_tokens`; `generator` is one generator or a list with one per prompt
-    (as there, already checked). `forwards_before`: forwards already spent (size sampling), added to
-    `num_forwards`. All choices below are lossless; they only change how many drafts are accepted.
+    (as there, already checked); `device` where the inputs and the sampler live (default: the model's).
+    `forwards_before`: forwards already spent (size sampling), added to `num_forwards`. All choices below are lossless; they only change how many drafts are accepted.
 
     `draft_init`: the first draft of a position entering the window: "above" (the token in the same column of
     the previous row, else the last token before it), "left" (the last token before the new positions) or
@@ -145,7 +156,7 @@ def speculative_generate(
         raise ValueError(f"coupling must be one of {', '.join(COUPLINGS)}, got {coupling!r}.")
     cfg = model.config
     layout = cfg.unirep
-    device = model.device
+    device = torch.device(device) if device is not None else model.device
     batch = len(prompts)
     W = int(window)
 
@@ -167,7 +178,8 @@ def speculative_generate(
             f"the prompt ({prompt_len} tokens) plus the image ({n_steps} tokens) exceed the model's context of "
             f"{cfg.max_position_embeddings} tokens: shorten the prompt or ask for a smaller image."
         )
-    ids, mask, pos = _left_pad(contexts, cfg.pad_token_id, prompt_len + length, device)
+    cache_len = _cache_length(prompt_len + length, cfg.max_position_embeddings)
+    ids, mask, pos = _left_pad(contexts, cfg.pad_token_id, cache_len, device)
     pos_next = pos[:, -1:] + 1  # position of step 0, per row
 
     code_ids = model.model.image_code_to_id.to(device)
@@ -235,13 +247,18 @@ def speculative_generate(
     gumbel = _gumbel(draw(W * n_codes).view(batch, W, n_codes)) if do_sample else None
     q = init_drafts(0, W, gumbel)
 
-    cache = StaticCache(config=cfg, max_cache_len=prompt_len + length)
-    step_fn = _WindowStep(model, code_ids, compile)
-    # first forward: the prompts with the first W - 1 drafts (steps 0..W-2); its last W positions predict 0..W-1
+    step_fn = _window_step_for(model, code_ids, compile, cache_len, len(contexts), W, device)
+    step_fn.start()
+    cache = step_fn.cache
+    # first forward: the prompts with the first W - 1 drafts (steps 0..W-2); its last W positions predict 0..W-1.
+    # It goes through the model's own forward (hooks such as CPU offload move the model to the device first).
     first = torch.cat([ids, feed_ids(0, W - 1)], dim=1)
     first_pos = torch.cat([pos, pos_next + torch.arange(W - 1, device=device)], dim=1)
-    hidden = model.model(input_ids=first, attention_mask=mask, position_ids=first_pos, cache=cache, use_cache=True)
-    logits = F.linear(hidden.last_hidden_state[:, -W:], step_fn.head)
+    prefill = model(input_ids=first, attention_mask=mask, position_ids=first_pos, cache=cache, use_cache=True,
+                    logits_to_keep=W)
+    logits = prefill.logits[:, -W:].index_select(-1, code_ids.to(prefill.logits.device)).to(device)
+    del prefill
+    step_fn.load_head(model)
     num_forwards = forwards_before + 1
     c = -1  # step of the first fed token (-1: the last prompt token)
     front = 0  # steps decided for every row (reported to the callback / progress bar)
@@ -349,7 +366,7 @@ def speculative_generate(
         cache.crop(-(c + W - c_new))  # rewind the write position to the slot of step c_new
         c = c_new
         positions = pos_next + c + k_idx[None]
-        logits = step_fn(feed_ids(c, c + W), positions, mask, cache)
+        logits = step_fn(feed_ids(c, c + W), positions, mask)
         num_forwards += 1
 
     out_tokens = tokens[:, :n_steps].clone()

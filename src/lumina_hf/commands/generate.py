@@ -42,7 +42,9 @@ def register(subparsers) -> None:
     g.add_argument("--task", default=None, choices=TASKS)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
+    g.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="torch.compile the decoding step; MODE: default, reduce-overhead (CUDA graphs), max-autotune, "
+                   "max-autotune-no-cudagraphs")
     g.add_argument("-o", "--output", default=None,
                    help="image file (.png/.jpg/.jpeg/.webp; default out.png); for --task describe a .txt file "
                    "(default: the answer is printed)")
