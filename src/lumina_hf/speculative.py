@@ -111,6 +111,27 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(res.sum(-1, keepdim=True) > 0, res, p)
 
 
+def _one_hot(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Float one-hot rows (`F.one_hot` reads the indices back to the host to check them)."""
+    return (index[..., None] == torch.arange(n, device=index.device)).float()
+
+
+def _window_mask(pad: torch.Tensor, start: int, window: int, attn_implementation: str, dtype) -> torch.Tensor | None:
+    """The 4-D attention mask of a window forward: query `i` (cache slot `start + i`) sees the slots up to its
+    own that hold tokens (`pad`, `(rows, cache_len)` booleans). Passing it ready-made keeps transformers'
+    mask builder from reading the cache's write position back to the host (it does so for queries longer
+    than one token). Boolean for SDPA, additive for eager attention; None for other implementations (they
+    get the 2-D mask)."""
+    if attn_implementation not in ("sdpa", "eager"):
+        return None
+    slots = torch.arange(pad.shape[1], device=pad.device)
+    queries = start + torch.arange(window, device=pad.device)
+    allowed = pad[:, None, None, :] & (slots[None, None, None, :] <= queries[None, None, :, None])
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=pad.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def _gumbel(uniform: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
@@ -180,6 +201,9 @@ def speculative_generate(
         )
     cache_len = _cache_length(prompt_len + length, cfg.max_position_embeddings)
     ids, mask, pos = _left_pad(contexts, cfg.pad_token_id, cache_len, device)
+    pad = mask.bool()
+    # transformers has no public getter for the attention implementation; its own mask builders read this property
+    attn_impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
     pos_next = pos[:, -1:] + 1  # position of step 0, per row
 
     code_ids = model.model.image_code_to_id.to(device)
@@ -234,7 +258,7 @@ def speculative_generate(
             else:
                 src_tok = torch.where(usable, src_tok, code_ids[0])
             choice = code_of[src_tok]
-            q = F.one_hot(choice, n_codes).float()
+            q = _one_hot(choice, n_codes)
         cur_forced = forced[:, lo:hi]
         tokens[:, lo:hi] = torch.where(cur_forced, forced_tok[:, lo:hi], code_ids[choice])
         return q
@@ -279,7 +303,7 @@ def speculative_generate(
             redraft = (logp + gumbel).argmax(-1)
         else:
             redraft = lg.argmax(-1)
-            p = F.one_hot(redraft, n_codes).float()
+            p = _one_hot(redraft, n_codes)
 
         # ---- verify left to right
         s_lo, s_hi = c + 1, c + 1 + W
@@ -361,17 +385,18 @@ def speculative_generate(
         if do_sample:
             gumbel = torch.cat([gumbel[:, shift:], fresh], dim=1)
         if edited_rows is not None:
-            onehot = F.one_hot(code_of[tokens[:, c_new + 1 : c_new + 1 + W]], n_codes).float()
+            onehot = _one_hot(code_of[tokens[:, c_new + 1 : c_new + 1 + W]], n_codes)
             q = torch.where(edited_rows[:, None, None], onehot, q)
         cache.crop(-(c + W - c_new))  # rewind the write position to the slot of step c_new
         c = c_new
         positions = pos_next + c + k_idx[None]
-        logits = step_fn(feed_ids(c, c + W), positions, mask)
+        window_mask = _window_mask(pad, prompt_len + c, W, attn_impl, model.dtype)
+        logits = step_fn(feed_ids(c, c + W), positions, mask if window_mask is None else window_mask)
         num_forwards += 1
 
     out_tokens = tokens[:, :n_steps].clone()
-    if interrupted:
-        out_tokens[:, front:] = layout.image_end_token_id
+    if interrupted:  # undecided codes read as the end token; row ends stay where they are, as in plain decoding
+        out_tokens[:, front:] = torch.where(forced[:, front:n_steps], out_tokens[:, front:], layout.image_end_token_id)
     prefix = torch.tensor(prefixes, dtype=torch.long, device=device)
     if len(set(sizes)) == 1:
         sequences = torch.cat([prefix, out_tokens], dim=1)
