@@ -160,7 +160,9 @@ def speculative_generate(
     """Generate one image per prompt (sizes already chosen) with speculative Jacobi decoding, `window` tokens per
     forward. Arguments as `generate_image_tokens`; `generator` is one generator or a list with one per prompt
     (as there, already checked); `device` where the inputs and the sampler live (default: the model's).
-    `forwards_before`: forwards already spent (size sampling), added to `num_forwards`. All choices below are lossless; they only change how many drafts are accepted.
+    `forwards_before`: forwards already spent (size sampling), added to `num_forwards`.
+
+    The two choices below are lossless whatever their value; they only change how many drafts are accepted.
 
     `draft_init`: the first draft of a position entering the window: "above" (the token in the same column of
     the previous row, else the last token before it), "left" (the last token before the new positions) or
