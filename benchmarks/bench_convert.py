@@ -106,7 +106,7 @@ def write_checkpoint(args, root: str) -> tuple[str, str, int]:
 
     from lumina_hf import LuminaMGPTVQGAN
     from lumina_hf.configuration_lumina_mgpt import LuminaMGPTVQConfig
-    from lumina_hf.convert_lumina_mgpt import parse_size
+    from lumina_hf.conversion.sources import parse_size
     from lumina_hf.testing_utils import build_tiny_tokenizer, tiny_vocabulary
 
     dtype = getattr(torch, args.dtype)

@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--speculative-window", type=int, default=None,
                     help="text-to-image: lossless speculative decoding, this many tokens per forward")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                    help="load the language model with torchao weight-only quantization (lumina_hf.quantization)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,18 +46,25 @@ def main():
                                    ("temperature", args.temperature),
                                    ("num_candidates", args.num_candidates),
                                    ("speculative_window", args.speculative_window)) if v is not None}
+    kwargs = {}
+    if args.quantize:
+        # the standard diffusers pipeline-level config, quantizing the `model` component (decoder layers only)
+        from lumina_hf.quantization import check_kind, pipeline_quantization_config
+
+        check_kind(args.quantize, "torchao", "cpu")
+        kwargs["quantization_config"] = pipeline_quantization_config(args.quantize)
     if args.model == "nano":
         from lumina_hf.nano import load_nano_pipeline
 
-        pipe = load_nano_pipeline()
+        pipe = load_nano_pipeline(**kwargs)
     else:
-        pipe = LuminaMGPTPipeline.from_pretrained(args.model)
+        pipe = LuminaMGPTPipeline.from_pretrained(args.model, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     torch.set_grad_enabled(False)
     t = time.perf_counter()
     score = evaluate_shapes(pipe, n=args.n, seed=args.seed, tasks=tuple(args.tasks.split(",")), **overrides)
     dt = time.perf_counter() - t
-    print(f"\nmodel={args.model} n={args.n} per task, seed={args.seed}, {dt:.0f} s, t2i overrides {overrides or 'none'}")
+    print(f"\nmodel={args.model}{' ' + args.quantize if args.quantize else ''} n={args.n} per task, seed={args.seed}, {dt:.0f} s, t2i overrides {overrides or 'none'}")
     print(f"{'metric':20s} {'score':>8s} {'target':>8s} {'ok':>4s}")
     for name, value in score.rates().items():
         target = TARGETS.get(name)

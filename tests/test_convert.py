@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 import lumina_hf
 from lumina_hf import LuminaMGPTForConditionalGeneration, LuminaMGPTPipeline, LuminaMGPTVQGAN, convert_checkpoint
 from lumina_hf import convert_lumina_mgpt as conv
+from lumina_hf.conversion import output as conv_output
 from lumina_hf.cli import main as cli_main
 from lumina_hf.configuration_lumina_mgpt import LuminaMGPTVQConfig, taming_to_vq_config_dict
 from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor, build_tiny_tokenizer, tiny_vocabulary
@@ -551,7 +552,7 @@ def test_cli_convert_and_overwrite(inputs, tmp_path, capsys):
 
 def test_interrupted_conversion_leaves_nothing(inputs, tmp_path, monkeypatch):
     calls = []
-    real = conv._write_shard
+    real = conv_output._write_shard
 
     def failing(path, tensors):
         calls.append(path)
@@ -559,7 +560,7 @@ def test_interrupted_conversion_leaves_nothing(inputs, tmp_path, monkeypatch):
             raise RuntimeError("disk full (simulated)")
         real(path, tensors)
 
-    monkeypatch.setattr(conv, "_write_shard", failing)
+    monkeypatch.setattr(conv_output, "_write_shard", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         convert_checkpoint(inputs["ckpt"], inputs["vqgan"], tmp_path / "out", target_size=TARGET,
                            max_shard_size="1MB", progress=False)
@@ -730,13 +731,14 @@ def test_stale_temp_folders_of_dead_runs_are_removed_and_live_ones_kept(inputs, 
 
 KILLED_CONVERSION = """
 import sys, time
+import lumina_hf.conversion.output as conv_output
 import lumina_hf.convert_lumina_mgpt as conv
-real = conv._write_shard
+real = conv_output._write_shard
 def slow(path, tensors):  # a conversion slow enough to be killed in the middle
     real(path, tensors)
     print("shard written", flush=True)
     time.sleep(60)
-conv._write_shard = slow
+conv_output._write_shard = slow
 conv.convert_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], target_size=128, progress=False, max_shard_size="20MB")
 """
 

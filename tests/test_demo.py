@@ -411,9 +411,14 @@ def test_command_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     assert capsys.readouterr().err == 'error: the demo needs Gradio: pip install "lumina-hf[demo]"\n'
 
 
-def test_command_quantize_is_not_available_yet(capsys):
-    assert cli_exit_code(["demo", "--quantize", "int8"]) == 2
-    assert capsys.readouterr().err == "error: --quantize int8 is not available yet; run without --quantize.\n"
+def test_command_quantize_that_cannot_run_here_is_refused_before_loading(monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_exit_code(["demo", "--quantize", "int4", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --quantize int4: ")
+    assert ("no CPU kernels" in err) if importlib.util.find_spec("torchao") else ('pip install "lumina-hf[quantization]"' in err)
 
 
 def test_library_imports_without_gradio_and_build_demo_says_what_to_install():

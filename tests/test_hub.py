@@ -348,12 +348,13 @@ def test_bad_input_fails_before_any_request(folders, tmp_path):
         with pytest.raises(lhub.PublishInputError, match="adapter_model.safetensors"):
             push(adapter, base_model="test-org/base")
 
-        # a secret that is not under a known key is refused, not silently uploaded
+        # a secret that is not under a known key is refused, not silently uploaded (notes.txt is not a file a
+        # model folder needs: it goes up only when included, and is scanned then)
         leaky = tmp_path / "leaky"
         shutil.copytree(folders["model"], leaky, ignore=shutil.ignore_patterns("checkpoint-*", "runs"), copy_function=os.link)
         (leaky / "notes.txt").write_text(f"login with {TOKEN}\n")
         with pytest.raises(lhub.PublishInputError, match="token"):
-            push(leaky)
+            push(leaky, include=["notes.txt"])
         with pytest.raises(lhub.PublishInputError, match="no Hugging Face token"):
             push(folders["adapter"], token=None, base_model="test-org/base")
         assert hub.requests == []

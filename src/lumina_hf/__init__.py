@@ -21,6 +21,7 @@ from transformers import (
 
 from .configuration_lumina_mgpt import LuminaMGPTConfig, LuminaMGPTVQConfig
 from .image_processing_lumina_mgpt import LuminaMGPTImageProcessor
+from .memory import MemoryEstimate, memory_estimate
 from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration, LuminaMGPTModel, LuminaMGPTPreTrainedModel
 from .modeling_vqgan import LuminaMGPTVQGAN
 from .processing_lumina_mgpt import LuminaMGPTProcessor, text_to_image_prompt
@@ -80,4 +81,6 @@ __all__ = [
     "LuminaMGPTPipeline",
     "LuminaMGPTPipelineOutput",
     "convert_checkpoint",
+    "memory_estimate",
+    "MemoryEstimate",
 ]

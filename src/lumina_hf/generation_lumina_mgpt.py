@@ -232,8 +232,7 @@ class _DecodeStep:
         """Gather the image-code rows of the model's current lm_head (adapters may have changed it since the
         last call), into the same tensor when the step already has one. Called after the prefill, which has
         put the model on its execution device."""
-        rows = model.lm_head.weight.detach()
-        rows = rows.index_select(0, self.code_ids.to(rows.device))
+        rows = _image_code_head(model.lm_head, self.code_ids).detach()
         if self.head is None or self.head.shape != rows.shape or self.head.device != rows.device or self.head.dtype != rows.dtype:
             self.head = rows
             if self.compile:
@@ -246,7 +245,8 @@ class _DecodeStep:
         hidden = self.decoder(
             input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
         ).last_hidden_state
-        return F.linear(hidden[:, -1].to(self.head.device), self.head)
+        # with a `device_map` the head may sit on another device than the loop: the logits come back to it
+        return F.linear(hidden[:, -1].to(self.head.device), self.head).to(self.code_ids.device)
 
     def __call__(self, token, position, mask):
         if self.marks_steps:
@@ -343,6 +343,24 @@ def _decode_loop(
         position = position + 1
         logits = step_fn(feed[:, None], position, mask)
     return False
+
+
+def _image_code_head(lm_head: torch.nn.Module, code_ids: torch.Tensor) -> torch.Tensor:
+    """The LM-head rows of the image codes, `(n_codes, hidden)`, as a plain tensor on the head's execution device.
+    Offloaded weights (CPU/disk offload, `device_map`) are brought in for the copy; a head quantized with torchao is
+    dequantized (only these rows are kept)."""
+    from .offload import weights_on_execution_device
+
+    with weights_on_execution_device(lm_head):
+        weight = lm_head.weight
+        if type(weight) not in (torch.Tensor, torch.nn.Parameter) and hasattr(weight, "dequantize"):
+            weight = weight.dequantize()  # e.g. torchao's Int8Tensor: no row indexing on the packed data
+        if not weight.is_floating_point():
+            raise ValueError(
+                f"lm_head holds {weight.dtype} weights this sampler cannot read: keep 'lm_head' in the quantization "
+                "config's modules_to_not_convert (lumina_hf.quantization.KEEP_UNQUANTIZED)."
+            )
+        return weight.index_select(0, code_ids.to(weight.device))
 
 
 class _CountedCalls:
@@ -454,7 +472,10 @@ def generate_image_tokens(
         )
     _check_compile(compile)
     generator = normalize_generators(generator, batch)
-    device = torch.device(device) if device is not None else model.device
+    from .offload import execution_device
+
+    # not `model.device`: with CPU offload the weights sit on "meta" (or the CPU) between calls
+    device = torch.device(device) if device is not None else execution_device(model)
     layout = cfg.unirep
     if speculative_window is not None:
         if isinstance(speculative_window, bool) or not isinstance(speculative_window, int) or speculative_window < 0:

@@ -83,15 +83,22 @@ class LuminaMGPTAttention(ChameleonAttention):
             self.k_norm = GroupedHeadLayerNorm(groups, self.num_key_value_heads, self.head_dim)
 
 
-class LuminaMGPTDecoderLayer(ChameleonDecoderLayer):
+class _LuminaLayerParts:
+    """What both Lumina decoder layers add to the stock ones: the Lumina attention and two residual dropouts."""
+
+    def _add_lumina_parts(self, config: LuminaMGPTConfig, layer_idx: int) -> None:
+        self.self_attn = LuminaMGPTAttention(config, layer_idx)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.mlp_dropout = nn.Dropout(config.dropout)
+
+
+class LuminaMGPTDecoderLayer(_LuminaLayerParts, ChameleonDecoderLayer):
     """Pre-norm Chameleon decoder layer (7B) with residual dropout (`config.dropout`, training only) on the
     attention and MLP outputs before each residual add."""
 
     def __init__(self, config: LuminaMGPTConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.self_attn = LuminaMGPTAttention(config, layer_idx)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.mlp_dropout = nn.Dropout(config.dropout)
+        self._add_lumina_parts(config, layer_idx)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -107,15 +114,13 @@ class LuminaMGPTDecoderLayer(ChameleonDecoderLayer):
         return (residual + self.mlp_dropout(hidden_states),)
 
 
-class LuminaMGPTSwinDecoderLayer(ChameleonSwinDecoderLayer):
+class LuminaMGPTSwinDecoderLayer(_LuminaLayerParts, ChameleonSwinDecoderLayer):
     """Post-norm ("swin norm") Chameleon decoder layer (34B) with the same residual dropout, applied to the
     attention and MLP outputs before their norms."""
 
     def __init__(self, config: LuminaMGPTConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.self_attn = LuminaMGPTAttention(config, layer_idx)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.mlp_dropout = nn.Dropout(config.dropout)
+        self._add_lumina_parts(config, layer_idx)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -154,6 +159,29 @@ def _check_language_model_weights(model, source, info: dict, vq_prefix: str | No
         )
 
 
+def _check_load_request(source, kwargs: dict) -> None:
+    """Quantization and `max_memory` requests of `from_pretrained` that cannot work, refused before loading."""
+    from .quantization import check_quantization_request, describe_config
+
+    quantization_config = kwargs.get("quantization_config")
+    check_quantization_request(quantization_config, kwargs.get("device_map"))
+    max_memory = kwargs.get("max_memory")
+    if not max_memory:
+        return
+    from .memory import check_weights_fit
+
+    config = kwargs.get("config")
+    if not isinstance(config, LuminaMGPTConfig):
+        hub = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "local_files_only") if kwargs.get(k) is not None}
+        config = LuminaMGPTConfig.from_pretrained(source, **hub)
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if not isinstance(dtype, torch.dtype):
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kind = describe_config(quantization_config)[1] if quantization_config is not None and not isinstance(quantization_config, dict) else None
+    check_weights_fit(config, max_memory, dtype, kind, kwargs.get("offload_folder"))
+
+
 class LuminaMGPTPreTrainedModel(ChameleonPreTrainedModel):
     config: LuminaMGPTConfig
     base_model_prefix = "model"
@@ -187,6 +215,11 @@ class LuminaMGPTPreTrainedModel(ChameleonPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus checks made before any weight is read: a quantization that cannot
+        run here (backend not installed; torchao int4 or bitsandbytes without the weights loaded onto a CUDA GPU) and
+        a `max_memory` that cannot hold the weights even spread over all its devices (without "disk" or an
+        `offload_folder`) are refused with the fix in the message (`lumina_hf.quantization`, `lumina_hf.memory`)."""
+        _check_load_request(pretrained_model_name_or_path, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         prefix = model._vqmodel_prefix()
@@ -291,7 +324,9 @@ class LuminaMGPTModel(ChameleonModel, LuminaMGPTPreTrainedModel):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.LongTensor:
         """`(B, 3, H, W)` pixels in [-1, 1] -> image-code token ids `(B, H/16, W/16)` (not wrapped in UniRep)."""
-        codes = self.vqmodel.encode_to_codes(pixel_values.to(self.vqmodel.quant_conv.weight.device))
+        from .offload import execution_device  # the VQGAN's weights sit on "meta" under CPU offload
+
+        codes = self.vqmodel.encode_to_codes(pixel_values.to(execution_device(self.vqmodel.quant_conv)))
         return self.codes_to_token_ids(codes)
 
     def get_image_tokens(self, pixel_values: torch.Tensor | list[torch.Tensor]) -> torch.LongTensor:

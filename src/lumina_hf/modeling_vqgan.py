@@ -211,7 +211,9 @@ class LuminaMGPTVQGAN(ChameleonVQVAE):
     @torch.no_grad()
     def decode_codes(self, codes: torch.LongTensor) -> torch.Tensor:
         self._require("decoder")
-        latents = self.codes_to_latents(codes.to(self.quantize.embedding.weight.device))
+        from .offload import execution_device  # the codebook's weight sits on "meta" under CPU offload
+
+        latents = self.codes_to_latents(codes.to(execution_device(self.quantize.embedding)))
         return self.decoder(self.post_quant_conv(latents))
 
 

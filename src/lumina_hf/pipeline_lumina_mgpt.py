@@ -14,6 +14,7 @@ from diffusers.utils import BaseOutput
 from .generation_lumina_mgpt import UniRepLogitsProcessor, generate_image_tokens
 from .lora import LuminaMGPTLoraLoaderMixin
 from .modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
+from .offload import execution_device
 from .processing_lumina_mgpt import IMAGE_MARKER, OMNI_TASK_PROMPTS, LuminaMGPTProcessor, text_to_image_prompt
 
 logger = logging.getLogger(__name__)
@@ -377,7 +378,7 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
         else:
             decoded = []
             for g in grids:
-                pixels = self.model.decode_image_tokens(g.unsqueeze(0).to(self.model.device))
+                pixels = self.model.decode_image_tokens(g.unsqueeze(0).to(execution_device(self.model)))
                 decoded.append(proc.image_processor.postprocess(pixels, "pt")[0])
             if output_type == "pil":
                 result = [PIL.Image.fromarray(d.permute(1, 2, 0).numpy(), "RGB") for d in decoded]
@@ -424,7 +425,7 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
             items.append((ids, labels))
             by_start.setdefault(next(k for k, v in enumerate(labels) if v != -100), []).append(i)
         scores = torch.zeros(len(grids))
-        device = self.model.device
+        device = execution_device(self.model)  # not model.device: CPU offload keeps weights on "meta"
         chunk = chunk_size or len(grids)
         # rows with the same image size share the question's length, so their answers begin at the same position
         # and only those positions need logits (`logits_to_keep`), not the whole image span
@@ -454,8 +455,8 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=seed_gen)))
         processor = UniRepLogitsProcessor(self.model.config, self._default("image_top_k", None), top_k or self._default("text_top_k", None))
         out = self.model.generate(
-            input_ids=batch["input_ids"].to(self.model.device),
-            attention_mask=batch["attention_mask"].to(self.model.device),
+            input_ids=batch["input_ids"].to(execution_device(self.model)),
+            attention_mask=batch["attention_mask"].to(execution_device(self.model)),
             max_new_tokens=max_new_tokens,
             do_sample=True,
             temperature=temperature,

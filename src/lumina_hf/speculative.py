@@ -80,7 +80,8 @@ class _WindowStep(_DecodeStep):
         hidden = self.decoder(
             input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
         ).last_hidden_state
-        return F.linear(hidden.to(self.head.device), self.head)
+        # with a `device_map` the head may sit on another device than the loop: the logits come back to it
+        return F.linear(hidden.to(self.head.device), self.head).to(self.code_ids.device)
 
 
 def _window_step_for(model, code_ids, compile, cache_len: int, rows: int, window: int, device) -> _WindowStep:

@@ -2,7 +2,8 @@
 
 import sys
 
-from ..convert_lumina_mgpt import DTYPES, convert_checkpoint
+from ..conversion.sources import DTYPES
+from ..convert_lumina_mgpt import convert_checkpoint
 
 
 def register(subparsers) -> None:

@@ -8,7 +8,7 @@ import logging
 import os
 
 from . import CommandError
-from .generate import NANO, TINY_RANDOM, load_pipeline
+from .generate import NANO, TINY_RANDOM, add_memory_arguments, check_quantize, load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action=argparse.BooleanOptionalAction, default=False,
                    help="also publish the app through a public Gradio link (--no-share, the default, does not)")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="quantized weights (not available yet)")
+    add_memory_arguments(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=run)
@@ -43,10 +42,10 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    if args.quantize:
-        raise CommandError(f"--quantize {args.quantize} is not available yet; run without --quantize.")
     if not 0 < args.port < 65536:
         raise CommandError(f"--port must be between 1 and 65535, got {args.port}.")
+    # a quantization that cannot run here is refused before the app and the model load
+    check_quantize(args.quantize, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -57,7 +56,7 @@ def run(args) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        pipe = load_pipeline(args.model, device, args.dtype)
+        pipe = load_pipeline(args.model, device, args.dtype, args.quantize)
     except (OSError, ValueError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CommandError(f"could not load the model {args.model!r}: {first_line}") from None

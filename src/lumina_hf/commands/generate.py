@@ -45,27 +45,73 @@ def register(subparsers) -> None:
     g.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                    help="torch.compile the decoding step; MODE: default, reduce-overhead (CUDA graphs), max-autotune, "
                    "max-autotune-no-cudagraphs")
+    add_memory_arguments(g)
+    g.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                   help="memory budget per device, e.g. '0=20GiB,cpu=64GiB' (GPU indices, cpu, disk): the plan is "
+                   "checked against it before loading, and the weights are spread over those devices (device_map='auto')")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (weights, KV cache, activations, VQGAN, predicted peak) and exit "
+                   "without loading any weights")
     g.add_argument("-o", "--output", default=None,
                    help="image file (.png/.jpg/.jpeg/.webp; default out.png); for --task describe a .txt file "
                    "(default: the answer is printed)")
     g.set_defaults(func=run)
 
 
-def load_pipeline(model: str, device: str, dtype: str | None):
-    """The pipeline named on the command line: the shipped nano model, the random tiny model, or a folder/Hub id."""
+QUANTIZE_CHOICES = ["int8", "int4"]
+
+
+def add_memory_arguments(parser) -> None:
+    """`--quantize`, shared by the commands that load a model (generate, demo)."""
+    parser.add_argument(
+        "--quantize", default=None, choices=QUANTIZE_CHOICES,
+        help="weight-only quantization of the decoder layers with torchao (pip install \"lumina-hf[quantization]\"): "
+        "int8 runs on CPU and CUDA, int4 on CUDA only; the embeddings, LM head and VQGAN keep their precision",
+    )
+
+
+def check_quantize(quantize: str | None, device: str) -> None:
+    """Refuse, before any weight is read, a --quantize that cannot run here (torchao missing, int4 without CUDA)."""
+    if quantize is None:
+        return
+    from ..quantization import check_kind
+
+    try:
+        check_kind(quantize, "torchao", device)
+    except (ImportError, ValueError) as err:
+        raise CommandError(f"--quantize {quantize}: {err}") from None
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """'0=20GiB,cpu=64GiB' -> {0: bytes, 'cpu': bytes} (CommandError when malformed)."""
+    if not text:
+        return None
+    from ..memory import normalize_max_memory
+
+    budget = {}
+    for part in text.split(","):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise CommandError(f"--max-memory {text!r}: write DEVICE=SIZE pairs separated by commas, e.g. 0=20GiB,cpu=64GiB.")
+        budget[device.strip()] = size.strip()
+    try:
+        return normalize_max_memory(budget)
+    except ValueError as err:
+        raise CommandError(f"--max-memory: {err}") from None
+
+
+def load_pipeline(model: str, device: str, dtype: str | None, quantize: str | None = None, max_memory: dict | None = None):
+    """The pipeline named on the command line: the shipped nano model, the random tiny model, or a folder/Hub id.
+
+    With `quantize` ("int8"/"int4") the language model is loaded through transformers' `TorchAoConfig`
+    (`lumina_hf.quantization.torchao_config`: decoder layers quantized, embeddings, LM head and VQGAN kept), onto
+    `device` directly. With `max_memory` the model is spread over its devices with `device_map="auto"`."""
     import torch
 
     from ..pipeline_lumina_mgpt import LuminaMGPTPipeline
 
+    check_quantize(quantize, device)
     torch_dtype = getattr(torch, dtype) if dtype else None
-    if model == NANO:
-        from ..nano import load_nano_pipeline
-
-        try:
-            pipe = load_nano_pipeline(**({"torch_dtype": torch_dtype} if torch_dtype is not None else {}))
-        except FileNotFoundError as err:
-            raise CommandError(str(err)) from err
-        return pipe.to(device)
     if model == TINY_RANDOM:
         from ..testing_utils import build_tiny_model, build_tiny_processor
 
@@ -73,11 +119,122 @@ def load_pipeline(model: str, device: str, dtype: str | None):
             "Using a randomly initialised tiny model: the output is a well-formed image of noise, "
             "useful to check an installation. Pass --model PATH_OR_HUB_ID for a real model."
         )
-        pipe = LuminaMGPTPipeline(model=build_tiny_model(), processor=build_tiny_processor(256))
+        net = build_tiny_model()
+        if torch_dtype is not None:
+            net = net.to(torch_dtype)
+        if quantize:
+            from ..quantization import quantize_in_place
+
+            net = quantize_in_place(net.to(device), quantize)
+        if max_memory:
+            raise CommandError("--max-memory needs a model loaded from a folder; the random tiny model is built in memory.")
+        return LuminaMGPTPipeline(model=net, processor=build_tiny_processor(256)).to(device)
+    if model == NANO:
+        from ..nano import load_nano_pipeline, nano_path
+
+        try:
+            source = nano_path()
+        except FileNotFoundError as err:
+            raise CommandError(str(err)) from err
+        # the nano model is stored in bf16 and computes in float32 unless asked otherwise
+        torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
     else:
-        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        pipe = LuminaMGPTPipeline.from_pretrained(model, **kwargs)
+        source = model
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if quantize or max_memory:
+        from ..modeling_lumina_mgpt import LuminaMGPTForConditionalGeneration
+
+        model_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        if quantize:
+            from ..quantization import torchao_config
+
+            model_kwargs["quantization_config"] = torchao_config(quantize)
+        if max_memory:
+            model_kwargs.update(device_map="auto", max_memory=max_memory)
+        elif device != "cpu":
+            model_kwargs["device_map"] = device  # quantize on the device the weights will run on
+        kwargs["model"] = LuminaMGPTForConditionalGeneration.from_pretrained(source, subfolder="model", **model_kwargs)
+    if model == NANO:
+        pipe = load_nano_pipeline(**kwargs)
+    else:
+        pipe = LuminaMGPTPipeline.from_pretrained(source, **kwargs)
+    if max_memory:
+        return pipe  # placed by device_map
     return pipe.to(device)
+
+
+def memory_plan(args, device: str):
+    """The memory estimate of this command line, from the model's config and processor only (no weights)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from ..configuration_lumina_mgpt import LuminaMGPTConfig
+    from ..memory import memory_estimate
+    from ..processing_lumina_mgpt import LuminaMGPTProcessor, text_to_image_prompt
+
+    if args.model == TINY_RANDOM:
+        from ..testing_utils import build_tiny_processor, tiny_config
+
+        config, processor, gen = tiny_config(), build_tiny_processor(256), None
+        dtype = torch.float32
+    else:
+        if args.model == NANO:
+            from ..nano import nano_path
+
+            try:
+                source = nano_path()
+            except FileNotFoundError as err:
+                raise CommandError(str(err)) from err
+        else:
+            source = args.model
+        config = LuminaMGPTConfig.from_pretrained(source, subfolder="model")
+        processor = LuminaMGPTProcessor.from_pretrained(source, subfolder="processor")
+        try:
+            gen = GenerationConfig.from_pretrained(source, subfolder="model")
+        except OSError:
+            gen = None
+        dtype = torch.float32 if args.model == NANO else (getattr(config, "dtype", None) or torch.float32)
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    side = processor.image_processor.target_size
+    height, width = args.height or side, args.width or side
+    if args.task:
+        text = f"{args.prompt or ''} <|image|>"
+        prompt_length = len(processor.tokenizer(text)["input_ids"]) + config.unirep.span_length(height, width)
+        guidance_scale = args.guidance_scale if args.guidance_scale is not None else getattr(gen, "omni_guidance_scale", None) or 1.0
+        candidates = 1
+    else:
+        ids = processor(text=text_to_image_prompt(args.prompt or "", width, height), return_tensors=None)["input_ids"][0]
+        prompt_length = len(ids)
+        default_g = getattr(gen, "guidance_scale", None) if gen is not None else None
+        guidance_scale = args.guidance_scale if args.guidance_scale is not None else (4.0 if default_g is None else default_g)
+        candidates = args.num_candidates or (getattr(gen, "num_candidates", None) if gen is not None else None) or 1
+    return memory_estimate(
+        config, height, width, batch_size=args.num_images, dtype=dtype, quantization=args.quantize,
+        guidance=guidance_scale != 1.0, num_candidates=candidates, prompt_length=prompt_length,
+    ), config
+
+
+def _check_memory(args, device: str) -> None:
+    """--dry-run prints the plan and exits; --max-memory is checked against the plan before loading."""
+    max_memory = parse_max_memory(args.max_memory)
+    args.max_memory_budget = max_memory
+    if not (args.dry_run or max_memory):
+        return
+    from ..memory import check_max_memory, format_bytes
+
+    estimate, config = memory_plan(args, device)
+    if args.dry_run:
+        sys.stdout.write(estimate.table() + "\n")
+    if max_memory:
+        s = estimate.settings
+        check_max_memory(config, max_memory, s["height"], s["width"], s["batch_size"], s["dtype"], s["quantization"],
+                         guidance=s["guidance"], num_candidates=s["num_candidates"], prompt_length=s["prompt_length"])
+        if args.dry_run:
+            budget = ", ".join(f"{d}: {format_bytes(v)}" for d, v in max_memory.items())
+            sys.stdout.write(f"fits max_memory ({budget})\n")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -175,14 +332,18 @@ def run(args) -> int:
     import torch
 
     device = _check_request(args)
-    _check_output(args)
+    check_quantize(args.quantize, device)
     _check_model_path(args.model)
+    _check_memory(args, device)
+    if args.dry_run:
+        return 0
+    _check_output(args)
     image = None
     if args.image:
         from ..image_processing_lumina_mgpt import to_pil
 
         image = to_pil(args.image)  # read before the model is loaded: an unreadable file fails fast
-    pipe = load_pipeline(args.model, device, args.dtype)
+    pipe = load_pipeline(args.model, device, args.dtype, args.quantize, args.max_memory_budget)
     gen_device = "cuda" if device.startswith("cuda") else "cpu"
     generators = [torch.Generator(gen_device).manual_seed(args.seed + i) for i in range(args.num_images)]
     result = pipe(

@@ -4,7 +4,7 @@ import argparse
 import re
 import sys
 
-from ..hub import CARD_TYPES, PublishInputError, PushError, prepare_push, push_to_hub_folder
+from ..hub import CARD_TYPES, PublishInputError, PublishOptions, PushError, plan_push, push_to_hub_folder
 from . import CommandError
 
 
@@ -21,8 +21,9 @@ def register(subparsers) -> None:
         help="publish a lumina_hf pipeline, model or LoRA adapter folder to the Hub with a model card",
         description=(
             "Publish a lumina_hf folder (pipeline, model or PEFT adapter, detected) to the Hugging Face Hub: "
-            "checks it, scrubs local paths, uploads the files, then a model card. The token comes from HF_TOKEN "
-            "or `hf auth login`; the endpoint from HF_ENDPOINT."
+            "checks it, uploads only the files its kind needs (plus --include), scrubbed of local paths and scanned "
+            "for secrets, then a model card. The token comes from HF_TOKEN or `hf auth login`; the endpoint from "
+            "HF_ENDPOINT."
         ),
     )
     p.add_argument("folder", metavar="DIR", help="the folder to publish (not modified)")
@@ -44,29 +45,29 @@ def register(subparsers) -> None:
     p.add_argument("--tag", dest="tags", action="append", default=None)
     p.add_argument("--target-size", type=int, default=None, help="bucket family when the folder does not say")
     p.add_argument("--device", default=None, help="device for the sample images (default: cuda when available)")
-    p.add_argument("--dry-run", action="store_true", help="check and print the file list and the card; upload nothing")
+    p.add_argument("--include", dest="include", action="append", default=None, metavar="PATTERN",
+                   help="also upload the files this glob names (path inside the folder, e.g. 'notes/*.txt'; "
+                   "repeatable); they are scanned for secrets like every other file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check of a push and print what would go up, what is left out and the card; upload nothing")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    kwargs = dict(
-        card_type=args.card_type, base_model=args.base_model, omni=args.omni, license=args.license,
-        datasets=args.datasets, tags=args.tags, target_size=args.target_size, samples=args.samples,
-        seed=args.seed, sample_size=args.sample_size, device=args.device,
-    )
     try:
+        options = PublishOptions(
+            card_type=args.card_type, base_model=args.base_model, omni=args.omni, license=args.license,
+            datasets=args.datasets, tags=args.tags, target_size=args.target_size, samples=args.samples,
+            seed=args.seed, sample_size=args.sample_size, device=args.device, include=args.include,
+        )
         if args.dry_run:
-            from huggingface_hub import get_token
-
-            plan = prepare_push(args.folder, args.repo_id, token=get_token(), **kwargs)
-            sys.stdout.write(f"{plan.info.kind} folder, {plan.card_type} card; would upload {len(plan.files)} files:\n")
-            for p in plan.files:
-                sys.stdout.write(f"  {p}\n")
-            sys.stdout.write("\n" + str(plan.card))
+            # the same checks as a push, the token included (the files are scanned for it), up to the network
+            plan, _ = plan_push(args.folder, args.repo_id, options=options)
+            sys.stdout.write(plan.describe())
             return 0
         result = push_to_hub_folder(
             args.folder, args.repo_id, private=args.private, revision=args.revision,
-            commit_message=args.commit_message, create_pr=args.create_pr, **kwargs,
+            commit_message=args.commit_message, create_pr=args.create_pr, options=options,
         )
     except (PublishInputError, PushError) as err:
         raise CommandError(str(err)) from None

@@ -16,6 +16,7 @@ import PIL.Image
 import torch
 
 from ..generation_lumina_mgpt import UniRepLogitsProcessor
+from ..offload import execution_device
 from ..pipeline_lumina_mgpt import TEXT_TASKS
 from ..processing_lumina_mgpt import IMAGE_MARKER
 
@@ -445,12 +446,12 @@ class DemoEngine:
         canvas = PIL.Image.new("RGB", (cols * f, rows * f), (128, 128, 128))
         grid = tokens[: done * (cols + 1)].reshape(done, cols + 1)[:, :cols]
         with torch.no_grad():
-            pixels = model.decode_image_tokens(grid.unsqueeze(0).to(model.device))
+            pixels = model.decode_image_tokens(grid.unsqueeze(0).to(execution_device(model)))
         canvas.paste(proc.image_processor.postprocess(pixels, "pil")[0], (0, 0))
         return canvas
 
     def _generators(self, seeds: list[int]) -> list[torch.Generator]:
-        device = "cuda" if self.pipe.model.device.type == "cuda" else "cpu"
+        device = "cuda" if execution_device(self.pipe.model).type == "cuda" else "cpu"
         return [torch.Generator(device).manual_seed(s) for s in seeds]
 
     # ------------------------------------------------------------------ the three kinds of work
@@ -549,8 +550,8 @@ class DemoEngine:
         start = time.monotonic()
         torch.manual_seed(p["seed"])
         out = model.generate(
-            input_ids=inputs["input_ids"].to(model.device),
-            attention_mask=inputs["attention_mask"].to(model.device),
+            input_ids=inputs["input_ids"].to(execution_device(model)),
+            attention_mask=inputs["attention_mask"].to(execution_device(model)),
             max_new_tokens=p["max_new_tokens"],
             do_sample=True,
             temperature=p["temperature"],

@@ -484,6 +484,11 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, callbacks=None) -> Trainin
     if _fsdp_activation_checkpointing() and training.activation_checkpointing:
         logger.info("FSDP activation checkpointing is on (accelerate config): the trainer's own checkpointing is turned off.")
         training.activation_checkpointing = training.gradient_checkpointing = False
+    # `push_to_hub: true` publishes through lumina_hf.hub (what `lumina-hf push` does), checked before any work
+    from ..hub import trainer_push
+
+    hub_push = trainer_push(training, recipe.model.model_name_or_path,
+                            adapter_only=bool(recipe.lora.use_peft and not training.save_merged))
     if dry_run:
         return _dry_run(recipe)
 
@@ -508,6 +513,8 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, callbacks=None) -> Trainin
     result = TrainingResult(recipe=recipe, trainer=trainer, peft_config=peft_config, output_dir=training.output_dir,
                             metrics=dict(train_out.metrics), is_main_process=trainer.accelerator.is_main_process)
     save_outputs(trainer, recipe, trainer.processing_class, result)  # the processor at the stage's target size
+    if hub_push is not None and result.is_main_process:
+        hub_push.push(result.pipeline_dir or result.adapter_dir)
     return result
 
 
