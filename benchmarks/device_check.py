@@ -14,6 +14,9 @@ Sections, in order (each one guarded: a failure becomes a row of the table and t
   reference_loop   the reference's loop: two batch-1 forwards per step with dynamic caches
   lora             7B LoRA at 768 px, batch 1, gradient checkpointing: peak memory and tokens/s
   decode_compiled  as decode_eager with compile="reduce-overhead" (CUDA graphs), batch 1, 16, 8
+  speculative      speculative decoding: cost of a window forward (1, 8, 16, 32 tokens), the time per image it
+                   projects with the nano model's measured acceptance, greedy tokens equal to plain decoding,
+                   one whole image at window 16
 
 Later issues add sections (speculative decoding, quantization) with the `@section` decorator: a function
 `fn(ctx)` that calls `ctx.add(...)` for each row. Decode timings run a fixed number of steps twice (stopped
@@ -646,6 +649,107 @@ def decode_compiled(ctx):
         case = f"compile={ctx.plan.compile_mode}, batch {batch}"
         if ctx.fits("compiled_case", case):
             _guarded(ctx, case, lambda: ctx.add(case=case, **time_decode(ctx, batch, ctx.plan.compile_mode)))
+
+
+# Tokens decided per forward on the nano model at the reference's settings (top-k 2000, temperature 1.0, guidance
+# 4.0), one image per call, from `benchmarks/bench_speculative.py` (README table). Random 7B weights say nothing
+# about acceptance, so the projection below applies these to the measured cost of a window forward.
+NANO_TOKENS_PER_FORWARD = {8: 1.68, 16: 1.73, 32: 1.74}
+
+
+@section("speculative", estimate=(60, 6))
+def speculative(ctx):
+    """Speculative decoding: the cost of one window forward (N tokens per image) against a filled cache, the
+    time per image it projects with the acceptance measured on the nano model, greedy tokens equal to plain
+    decoding on this device, and one whole image at window 16."""
+    import torch
+
+    from lumina_hf.generation_lumina_mgpt import generate_image_tokens
+    from lumina_hf.speculative import _WindowStep  # the step the speculative loop runs, timed alone
+    from lumina_hf.unirep import UniRepLayout
+
+    plan, model = ctx.plan, ctx.model
+    size = plan.size
+    n_steps = UniRepLayout.grid_length(*UniRepLayout.grid_shape(size, size))
+    code_ids = model.model.image_code_to_id.to(ctx.device)
+    rows = 2  # one image: conditional and unconditional rows
+    repeats = 5 if ctx.dry_run else 20
+
+    def window_cost() -> dict[int, float]:
+        costs = {}
+        prompt = torch.tensor([prompt_ids(0)] * rows, device=ctx.device)
+        for window in (1, *NANO_TOKENS_PER_FORWARD):
+            total = prompt.shape[1] + n_steps + window + 1
+            step = _WindowStep(model, code_ids, False, total)
+            step.start()
+            mask = torch.ones((rows, total), dtype=torch.long, device=ctx.device)
+            filled = torch.cat([prompt, torch.randint(4, 8000, (rows, n_steps // 2), device=ctx.device)], dim=1)
+            pos = torch.arange(filled.shape[1], device=ctx.device).expand(rows, -1)
+            with torch.no_grad():
+                model.model(input_ids=filled, attention_mask=mask, position_ids=pos, cache=step.cache, use_cache=True)
+                step.load_head(model)
+                tokens = torch.randint(4, 8000, (rows, window), device=ctx.device)
+                positions = filled.shape[1] + torch.arange(window, device=ctx.device).expand(rows, -1)
+                times = []
+                for _ in range(repeats + 2):
+                    sync(ctx)
+                    t = time.perf_counter()
+                    step(tokens, positions, mask)
+                    sync(ctx)
+                    times.append(time.perf_counter() - t)
+                    step.cache.crop(-window)  # the next forward writes the same slots, as the loop does
+            costs[window] = sorted(times[2:])[len(times[2:]) // 2]
+            del step
+            reset_peak(ctx)
+        return costs
+
+    def cost_rows():
+        costs = window_cost()
+        one = costs[1]
+        for window, cost in costs.items():
+            notes = f"{cost * 1e3:.2f} ms per forward of {window} token(s) x {rows} rows, {cost / one:.2f}x one token"
+            fields = dict(batch=1, steps_per_s=1 / cost)
+            if window in NANO_TOKENS_PER_FORWARD:
+                tpf = NANO_TOKENS_PER_FORWARD[window]
+                fields["s_per_image"] = n_steps / tpf * cost
+                notes += (f"; projected {n_steps / tpf:.0f} forwards per {size}x{size} image at the nano model's "
+                          f"{tpf} tokens/forward (reference settings): {n_steps * one / (n_steps / tpf * cost):.2f}x "
+                          "the one-token loop")
+            else:
+                fields["s_per_image"] = n_steps * cost
+            ctx.add(case=f"window {window}: forward cost" if window > 1 else "window 1 (plain step): forward cost",
+                    notes=notes, **fields)
+
+    _guarded(ctx, "window forward cost", cost_rows)
+
+    def greedy_equal():
+        small = 64
+        prompts = [prompt_ids(i) for i in range(2)]
+        kw = dict(height=small, width=small, guidance_scale=3.0, do_sample=False)
+        plain = generate_image_tokens(model, prompts, **kw)
+        spec = generate_image_tokens(model, prompts, speculative_window=6, **kw)
+        if not torch.equal(plain.sequences, spec.sequences):
+            raise AssertionError("greedy speculative tokens differ from plain greedy decoding on this device")
+        ctx.add(case="greedy tokens equal plain decoding (64x64, window 6, guidance 3)", batch=2,
+                notes=f"{spec.num_forwards} forwards vs {plain.num_forwards}")
+
+    _guarded(ctx, "greedy tokens equal plain decoding", greedy_equal)
+
+    case = f"whole {size}x{size} image, window 16, batch 1 (random weights: acceptance not meaningful)"
+
+    def whole():
+        reset_peak(ctx)
+        sync(ctx)
+        t = time.perf_counter()
+        out = generate_image_tokens(model, [prompt_ids(0)], height=size, width=size, speculative_window=16,
+                                    generator=torch.Generator(ctx.device).manual_seed(0))
+        sync(ctx)
+        dt = time.perf_counter() - t
+        ctx.add(case=case, batch=1, s_per_image=dt, steps_per_s=out.num_forwards / dt, tokens_per_s=n_steps / dt,
+                peak_gib=peak_gib(ctx), notes=f"{out.num_forwards} forwards for {n_steps} tokens")
+
+    if ctx.fits("full_image", case, factor=2):
+        _guarded(ctx, case, whole)
 
 
 # ---------------------------------------------------------------------- running

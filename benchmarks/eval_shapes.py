@@ -2,6 +2,7 @@
 
     python benchmarks/eval_shapes.py --model nano --n 60
     python benchmarks/eval_shapes.py --model runs/nano/final --n 60 --tasks t2i
+    python benchmarks/eval_shapes.py --n 60 --tasks t2i --speculative-window 16   # same scores within noise
 
 Targets for the nano model: colors >= 90%, shape kind >= 80%, sizes 100%, segmentation IoU >= 0.7.
 """
@@ -33,6 +34,8 @@ def main():
     ap.add_argument("--temperature", type=float, default=None, help="text-to-image override of the model's default")
     ap.add_argument("--num-candidates", type=int, default=None,
                     help="text-to-image override: candidates ranked by the model's own description likelihood")
+    ap.add_argument("--speculative-window", type=int, default=None,
+                    help="text-to-image: lossless speculative decoding, this many tokens per forward")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quantize", default=None, choices=["int8", "int4"],
                     help="load the language model with torchao weight-only quantization (lumina_hf.quantization)")
@@ -41,7 +44,8 @@ def main():
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("top_k", args.top_k),
                                    ("temperature", args.temperature),
-                                   ("num_candidates", args.num_candidates)) if v is not None}
+                                   ("num_candidates", args.num_candidates),
+                                   ("speculative_window", args.speculative_window)) if v is not None}
     kwargs = {}
     if args.quantize:
         # the standard diffusers pipeline-level config, quantizing the `model` component (decoder layers only)

@@ -85,7 +85,7 @@ def test_dry_run_measures_every_section(dry_run):
     for row in rows:
         by_section.setdefault(row["section"], []).append(row)
     assert report["meta"]["sections"] == ["environment", "pytest_cuda", "model", "bandwidth", "decode_eager",
-                                          "reference_loop", "lora", "decode_compiled"]
+                                          "reference_loop", "lora", "decode_compiled", "speculative"]
     assert set(report["meta"]["sections"]) <= set(by_section)
     assert not [r for r in rows if r["status"] == "failed"], [r for r in rows if r["status"] == "failed"]
 
@@ -116,6 +116,12 @@ def test_dry_run_measures_every_section(dry_run):
     assert reference["status"] == "ok" and reference["s_per_image"] > 0
     (lora,) = by_section["lora"]
     assert lora["status"] == "ok" and lora["tokens_per_s"] > 0 and "trainable" in lora["notes"]
+
+    spec = {r["case"]: r for r in by_section["speculative"]}
+    assert all(r["status"] == "ok" for r in spec.values()), spec
+    assert "window 16: forward cost" in spec and "projected" in spec["window 16: forward cost"]["notes"]
+    assert any(case.startswith("greedy tokens equal") for case in spec)
+    assert any(case.startswith("whole ") and r["s_per_image"] > 0 for case, r in spec.items())
 
     # one markdown table holding every row of the JSON
     table = [line for line in markdown.splitlines() if line.startswith("|")]

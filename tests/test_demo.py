@@ -131,7 +131,7 @@ def test_exposure_notice_only_beyond_loopback():
         (dict(prompt="a cat", temperature=0), "Temperature must be between"),
         (dict(prompt="a cat", num_images=9), "Number of images must be between 1 and 8"),
         (dict(prompt="a cat", seed="soon"), "Seed"),
-        (dict(prompt="a cat", speculative_window=4), "no speculative decoding"),
+        (dict(prompt="a cat", speculative_window=99), "Speculative window must be between 1 and 64"),
     ],
 )
 def test_bad_text_to_image_requests_are_refused_before_queueing(engine, kwargs, message):
@@ -291,20 +291,29 @@ def test_request_errors_reach_that_request_only(pipe):
 
 
 def test_speculative_window_is_offered_and_passed_when_the_pipeline_has_it(pipe):
-    class Speculative(LuminaMGPTPipeline):
+    class Speculative(LuminaMGPTPipeline):  # records the window it is called with
         def __call__(self, *args, speculative_window=None, **kwargs):
             self.seen_window = speculative_window
+            return super().__call__(*args, speculative_window=speculative_window, **kwargs)
+
+    class Without(LuminaMGPTPipeline):  # a pipeline whose call takes no speculative window
+        def __call__(self, *args, **kwargs):
             return super().__call__(*args, **kwargs)
 
     spec = Speculative(model=pipe.model, processor=pipe.processor)
     spec.set_progress_bar_config(disable=True)
     engine = DemoEngine(spec)
+    without = DemoEngine(Without(model=pipe.model, processor=pipe.processor))
     try:
-        assert engine.supports_speculative and not DemoEngine(pipe).supports_speculative
+        assert engine.supports_speculative and DemoEngine(pipe).supports_speculative
+        assert not without.supports_speculative
+        with pytest.raises(DemoInputError, match="no speculative decoding"):
+            without.text_to_image("a cat", speculative_window=4)
         result = run_all(engine.text_to_image("a cat", size="64x64", num_candidates=1, speculative_window=3))[-1]
         assert spec.seen_window == 3 and "speculative window 3" in result.images[0].caption
     finally:
         engine.close()
+        without.close()
 
 
 # ---------------------------------------------------------------------------------------------- Omni and chat

@@ -38,11 +38,16 @@ logger = logging.getLogger(__name__)
 class ImageGenerationOutput:
     """`sequences`: `(batch, span)` UniRep spans `[start, h, w, grid..., end]` (a list of 1-D tensors when
     the rows have different sizes); `sizes`: `(height, width)` in pixels per row; `interrupted`: True when a
-    callback stopped the loop early (the spans are then incomplete)."""
+    callback stopped the loop early (the spans are then incomplete); `num_forwards`: forward passes of the
+    decoder the call ran (size sampling, prompt and decoding steps); `accepted_per_forward`: speculative
+    decoding only, `(forwards, batch)` tokens each row decided in each decoding forward (0 once the row was
+    complete), the acceptance-length distribution."""
 
     sequences: torch.Tensor | list[torch.Tensor]
     sizes: list[tuple[int, int]]
     interrupted: bool = False
+    num_forwards: int | None = None
+    accepted_per_forward: torch.Tensor | None = None
 
 
 def normalize_generators(generator, batch_size: int) -> list[torch.Generator] | torch.Generator | None:
@@ -347,6 +352,17 @@ def _image_code_head(lm_head: torch.nn.Module, code_ids: torch.Tensor) -> torch.
         return weight.index_select(0, code_ids.to(weight.device))
 
 
+class _CountedCalls:
+    """A decode step that counts its calls (for `ImageGenerationOutput.num_forwards`)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
 def _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator, device) -> list[tuple[int, int]]:
     """The reference lets the model write the two size tokens (no guidance, image top-k). We do the same on
     the conditional rows, limited to valid size ids (an id below the size range would give a negative grid)."""
@@ -391,6 +407,7 @@ def generate_image_tokens(
     callback: Callable[[int, torch.Tensor], bool] | None = None,
     progress_bar=None,
     device: torch.device | str | None = None,
+    speculative_window: int | None = None,
 ) -> ImageGenerationOutput:
     """Generate one image per prompt with classifier-free guidance: the conditional and unconditional rows
     share one batch and one static KV cache, and the per-token loop never waits for the device.
@@ -418,6 +435,12 @@ def generate_image_tokens(
         progress_bar: an object with `update(n)` (e.g. a tqdm bar).
         device: where the inputs and the sampler live (default: the model's device). A pipeline with
             model CPU offload passes its execution device: the first forward moves the model there.
+        speculative_window: `None` or 0 for plain decoding (one token per forward); `N >= 1` for lossless
+            speculative Jacobi decoding (`lumina_hf.speculative`): each forward feeds `N` tokens per row (the
+            last decided one and `N - 1` drafts) and decides up to `N`, sampling the same distribution as plain
+            decoding (the same tokens when greedy). Under sampling the tokens for a given seed differ from
+            plain decoding's and depend on the batch. At most the image's span (its tokens after the size
+            tokens).
     """
     cfg = model.config
     if not prompts:
@@ -443,6 +466,12 @@ def generate_image_tokens(
     # not `model.device`: with CPU offload the weights sit on "meta" (or the CPU) between calls
     device = torch.device(device) if device is not None else execution_device(model)
     layout = cfg.unirep
+    if speculative_window is not None:
+        if isinstance(speculative_window, bool) or not isinstance(speculative_window, int) or speculative_window < 0:
+            raise ValueError(
+                f"speculative_window must be an integer >= 0 (the tokens per forward; 0 or None for plain decoding), "
+                f"got {speculative_window!r}."
+            )
 
     if force_size:
         if height is None or width is None:
@@ -450,8 +479,30 @@ def generate_image_tokens(
         layout.size_units(height, "height")
         layout.size_units(width, "width")
         sizes = [(height, width)] * batch
-    else:
+    # the span of the largest image the call can make: the requested size, or the largest the model may sample
+    largest_side = layout.max_size_units * layout.patch_size
+    most = layout.grid_length(*layout.grid_shape(*((height, width) if force_size else (largest_side,) * 2)))
+    if speculative_window and speculative_window > most:
+        raise ValueError(
+            f"speculative_window={speculative_window} is larger than the image span ({most} tokens after the size "
+            f"tokens): use at most {most}."
+        )
+    if not force_size:
         sizes = _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator, device)
+    forwards_before = 0 if force_size else 2
+
+    if speculative_window:
+        from .speculative import speculative_generate
+
+        largest = max(layout.grid_length(*layout.grid_shape(h, w)) for h, w in sizes)
+        if speculative_window > largest:
+            logger.info("speculative_window %d > the sampled images' span %d: using %d", speculative_window, largest, largest)
+        return speculative_generate(
+            model, prompts, sizes, window=min(speculative_window, largest), negative_prompts=negative_prompts,
+            guidance_scale=guidance_scale, image_top_k=image_top_k, temperature=temperature, do_sample=do_sample,
+            generator=generator, compile=compile, callback=callback, progress_bar=progress_bar, device=device,
+            forwards_before=forwards_before,
+        )
 
     # The step schedule is planned here from Python ints, so the decode loop never reads the device.
     grid_rows = [layout.grid_shape(h, w)[0] for h, w in sizes]
@@ -500,8 +551,9 @@ def generate_image_tokens(
     logits = prefill.logits[:, -1].index_select(-1, code_ids.to(prefill.logits.device)).to(device)
     del prefill
     step_fn.load_head(model)
+    counted = _CountedCalls(step_fn)
     interrupted = _decode_loop(
-        step_fn,
+        counted,
         logits,
         schedule,
         out_tokens=out_tokens,
@@ -524,7 +576,9 @@ def generate_image_tokens(
         sequences = torch.cat([prefix, out_tokens], dim=1)
     else:
         sequences = [torch.cat([prefix[b], out_tokens[b, : span[b]]]) for b in range(batch)]
-    return ImageGenerationOutput(sequences=sequences, sizes=sizes, interrupted=interrupted)
+    return ImageGenerationOutput(
+        sequences=sequences, sizes=sizes, interrupted=interrupted, num_forwards=forwards_before + 1 + counted.calls
+    )
 
 
 __all__ = [

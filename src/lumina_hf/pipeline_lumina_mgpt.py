@@ -114,7 +114,7 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
     def check_inputs(
         self, prompt, negative_prompt, height, width, guidance_scale, num_images_per_prompt, generator, top_k,
         temperature, image, task, output_type, callback_on_step_end_tensor_inputs, num_candidates=None,
-        max_new_tokens=256,
+        max_new_tokens=256, speculative_window=None,
     ) -> None:
         """Every argument checked before any work: a `ValueError` naming the argument and what it accepts."""
         if task is not None and task not in IMAGE_TASKS + TEXT_TASKS:
@@ -161,6 +161,21 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
             _check_int("height", height, minimum=1)
             _check_int("width", width, minimum=1)
             self.processor.image_processor.check_size(width, height)
+        if speculative_window is not None:
+            _check_int("speculative_window", speculative_window, minimum=0)
+            if task in TEXT_TASKS and speculative_window:
+                raise ValueError(
+                    f"speculative_window is for image outputs; task={task!r} answers in text, which is decoded token by "
+                    "token: leave speculative_window unset."
+                )
+            if height is not None and task not in TEXT_TASKS:
+                layout = self.model.config.unirep
+                span = layout.grid_length(*layout.grid_shape(height, width))
+                if speculative_window > span:
+                    raise ValueError(
+                        f"speculative_window={speculative_window} is larger than the image span ({span} tokens after the "
+                        f"size tokens at {width}x{height}): use at most {span}."
+                    )
         _check_generators(generator, n * num_images_per_prompt, n)
         if callback_on_step_end_tensor_inputs is not None:
             bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -203,6 +218,7 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
         compile: bool | str = False,
         max_new_tokens: int = 256,
         num_candidates: int | None = None,
+        speculative_window: int | None = None,
     ):
         r"""
         Generate images (or, for `task="describe"`, text).
@@ -237,6 +253,10 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                 `num_candidates` times the generation. Only meaningful for a model trained on that task; the
                 default is the model's `generation_config.num_candidates`, else 1 (no ranking). The callback's
                 `tokens` then hold every candidate row.
+            speculative_window: decode images with lossless speculative Jacobi decoding, this many tokens per forward
+                pass (`lumina_hf.speculative`; the same distribution as token-by-token decoding, fewer forwards). The
+                default is the model's `generation_config.speculative_window`, else None (token by token). Not for
+                `task="describe"`. With it, the callback is called for each step once every image has decided it.
 
         Returns:
             `LuminaMGPTPipelineOutput` (or a tuple `(images,)` with `return_dict=False`).
@@ -249,7 +269,16 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
         self.check_inputs(
             prompt, negative_prompt, height, width, guidance_scale, num_images_per_prompt, generator, top_k,
             temperature, image, task, output_type, callback_on_step_end_tensor_inputs, num_candidates, max_new_tokens,
+            speculative_window,
         )
+        window_is_default = speculative_window is None
+        if window_is_default and task not in TEXT_TASKS:
+            speculative_window = getattr(getattr(self.model, "generation_config", None), "speculative_window", None)
+            if speculative_window is not None:
+                try:
+                    _check_int("speculative_window", speculative_window, minimum=0)
+                except ValueError as err:
+                    raise ValueError(f"the model's generation_config is invalid: {err} Fix generation_config.json.") from None
         if num_candidates is None:
             num_candidates = self._default("num_candidates", None) if task is None else 1
         self._interrupt = False
@@ -303,6 +332,8 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
 
         layout = self.model.config.unirep
         total = layout.grid_length(*layout.grid_shape(h, w))
+        if window_is_default and speculative_window:
+            speculative_window = min(speculative_window, total)  # a model's default fits any image size
 
         def on_step(step, tokens):
             # diffusers' callback contract: the named tensors go in, the returned ones replace them
@@ -329,6 +360,7 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                 callback=on_step,
                 progress_bar=bar,
                 device=self._execution_device,
+                speculative_window=speculative_window,
             )
         if out.interrupted:
             self.maybe_free_model_hooks()
