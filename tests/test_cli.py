@@ -93,6 +93,9 @@ def test_generate_refuses_bad_requests_before_loading_a_model(tmp_path, capsys, 
         (["generate", "a", "-o", str(tmp_path / "a.txt")], "must end in .png"),
         (["generate", "--task", "describe", "--image", str(not_an_image), "-o", out], "writes text"),
         (["generate", "a", "-o", "/proc/x.png"], "cannot write to the folder"),
+        (["generate", "a", "--speculative-window", "-2", "-o", out], "--speculative-window must be >= 0"),
+        (["generate", "--task", "describe", "--image", str(not_an_image), "--speculative-window", "4"],
+         "--speculative-window is for image outputs"),
     ]
     import torch
 
@@ -115,3 +118,15 @@ def test_describe_writes_text_to_a_txt_file_or_stdout(tmp_path, capsys):
     assert answer.read_text().endswith("\n") and "answer.txt (the answer)" in capsys.readouterr().out
     assert main(["generate", "--model", "tiny-random", "--task", "describe", "--image", str(image)]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+def test_speculative_window_gives_the_greedy_image_of_token_by_token_decoding(tmp_path, capsys):
+    """top-k 1 is greedy: lossless speculative decoding must write the very same image as plain decoding."""
+    from lumina_hf.cli import main
+
+    common = ["generate", "a red circle", "--model", "tiny-random", "--top-k", "1",
+              "--num-candidates", "1", "--device", "cpu"]
+    plain, fast = tmp_path / "plain.png", tmp_path / "fast.png"
+    assert main(common + ["-o", str(plain)]) == 0
+    assert main(common + ["--speculative-window", "8", "-o", str(fast)]) == 0
+    assert plain.read_bytes() == fast.read_bytes()

@@ -20,7 +20,7 @@ from lumina_hf.memory import (
     linear_weight_bytes,
     parse_size,
 )
-from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor, tiny_config
+from lumina_hf.testing_utils import build_tiny_model, tiny_config
 
 GiB = 2**30
 

@@ -99,7 +99,7 @@ def make_folder(root, n=6, caption_key="text", fmt="jsonl"):
         w, h = SIZES[i % len(SIZES)]
         sub = i % 3 == 2
         rel = f"img_{i}.png"
-        path = make_image(os.path.join(root, "sub" if sub else "", rel), w, h, seed=i)
+        make_image(os.path.join(root, "sub" if sub else "", rel), w, h, seed=i)
         cap = f"a picture number {i}"
         (rows_sub if sub else rows_root).append({"file_name": rel, caption_key: cap, "extra": i})
     for folder, rows in ((root, rows_root), (os.path.join(root, "sub"), rows_sub)):

@@ -45,6 +45,10 @@ def register(subparsers) -> None:
     g.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                    help="torch.compile the decoding step; MODE: default, reduce-overhead (CUDA graphs), max-autotune, "
                    "max-autotune-no-cudagraphs")
+    g.add_argument("--speculative-window", type=int, default=None, metavar="N",
+                   help="lossless speculative Jacobi decoding of the image: N tokens per forward pass, the same "
+                   "distribution as token-by-token decoding in fewer forwards (0: token by token; default: the "
+                   "model's own setting, else token by token)")
     add_memory_arguments(g)
     g.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
                    help="memory budget per device, e.g. '0=20GiB,cpu=64GiB' (GPU indices, cpu, disk): the plan is "
@@ -272,6 +276,10 @@ def _check_request(args) -> str:
         raise CommandError(f"--seed must be between 0 and 2**64 - 1 (seeds seed..seed+num_images-1), got {args.seed}.")
     if args.task and not args.image:
         raise CommandError(f"--task {args.task} needs --image.")
+    if args.speculative_window is not None and args.speculative_window < 0:
+        raise CommandError(f"--speculative-window must be >= 0 (0: token by token), got {args.speculative_window}.")
+    if args.speculative_window and args.task == "describe":
+        raise CommandError("--speculative-window is for image outputs; --task describe answers in text: leave it out.")
     if args.image and not args.task:
         raise CommandError("--image needs --task (depth, segmentation, ..., describe): text-to-image takes no image.")
     try:
@@ -360,6 +368,7 @@ def run(args) -> int:
         task=args.task,
         compile=args.compile,
         num_candidates=args.num_candidates,
+        speculative_window=args.speculative_window,
     )
     if result.text is not None:
         if args.output is None:
