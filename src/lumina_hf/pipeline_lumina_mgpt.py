@@ -36,7 +36,7 @@ EXAMPLE_DOC_STRING = """
 IMAGE_TASKS = ("depth", "segmentation", "normal", "pose", "detection", "editing", "condition")
 TEXT_TASKS = ("describe",)
 DEFAULTS = {"guidance_scale": 4.0, "image_top_k": 2000, "text_top_k": 10, "temperature": 1.0, "num_candidates": 1}
-# the reference's Omni image-to-image settings (SPEC section 6); a model can override them with
+# the original Lumina-mGPT's settings for its Omni image-to-image tasks (guidance 1.0, top-k 200); a model can override them with
 # `omni_guidance_scale` / `omni_image_top_k` in its generation_config
 OMNI_DEFAULTS = {"guidance_scale": 1.0, "image_top_k": 200}
 
@@ -273,16 +273,10 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
         )
         window_is_default = speculative_window is None
         if window_is_default and task not in TEXT_TASKS:
-            speculative_window = getattr(getattr(self.model, "generation_config", None), "speculative_window", None)
-            if speculative_window is not None:
-                try:
-                    _check_int("speculative_window", speculative_window, minimum=0)
-                except ValueError as err:
-                    raise ValueError(f"the model's generation_config is invalid: {err} Fix generation_config.json.") from None
+            speculative_window = self._default_speculative_window()
         if num_candidates is None:
             num_candidates = self._default("num_candidates", None) if task is None else 1
         self._interrupt = False
-        proc = self.processor
         prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
         images = None
         if image is not None:
@@ -295,55 +289,22 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
         if task == "describe":
             return self._describe(images, num_images_per_prompt, temperature, top_k, generator, max_new_tokens, return_dict)
 
-        # Prompts as token ids (images VQ-encoded here, so the ids are final).
-        sizes = []
-        cond = []
-        for i, p in enumerate(prompts):
-            if task is not None:
-                feats = proc.image_processor([images[i]])
-                h, w = feats["pixel_values"].shape[-2:]
-                h, w = (h, w) if height is None else (height, width)
-                text = self._task_text(task, p)
-                inputs = proc(text=text, images=[images[i]])  # image placeholders: the model writes the codes
-                ids = self.model.fill_image_placeholders(inputs["input_ids"], inputs["pixel_values"])[0][0].tolist()
-            else:
-                h = height or proc.image_processor.target_size
-                w = width or proc.image_processor.target_size
-                ids = proc(text=text_to_image_prompt(p, w, h), return_tensors=None)["input_ids"][0]
-            sizes.append((h, w))
-            cond.append(ids)
-        if len(set(sizes)) > 1:
-            raise ValueError(f"all images of one call must share a size, got {sorted(set(sizes))}: pass height/width.")
-        h, w = sizes[0]
+        cond, (h, w) = self._encode_prompts(prompts, images, task, height, width)
         negs = None
         if negative_prompt is not None:
             neg_list = [negative_prompt] * len(cond) if isinstance(negative_prompt, str) else list(negative_prompt)
-            negs = [proc(text=n, return_tensors=None)["input_ids"][0] for n in neg_list]
-
-        cond = [c for c in cond for _ in range(num_images_per_prompt)]
-        if negs is not None:
-            negs = [n for n in negs for _ in range(num_images_per_prompt)]
-        n_images = len(cond)
+            negs = [self.processor(text=n, return_tensors=None)["input_ids"][0] for n in neg_list]
+        # one row per image, then per candidate of an image (rows of one image are neighbours)
+        repeat = num_images_per_prompt * num_candidates
+        cond = [c for c in cond for _ in range(repeat)]
+        negs = None if negs is None else [n for n in negs for _ in range(repeat)]
         if num_candidates > 1:
-            cond = [c for c in cond for _ in range(num_candidates)]
-            if negs is not None:
-                negs = [n for n in negs for _ in range(num_candidates)]
             generator = self._candidate_generators(generator, num_candidates)
 
         layout = self.model.config.unirep
         total = layout.grid_length(*layout.grid_shape(h, w))
         if window_is_default and speculative_window:
             speculative_window = min(speculative_window, total)  # a model's default fits any image size
-
-        def on_step(step, tokens):
-            # diffusers' callback contract: the named tensors go in, the returned ones replace them
-            if callback_on_step_end is not None:
-                kwargs = {"tokens": tokens} if "tokens" in (callback_on_step_end_tensor_inputs or ()) else {}
-                outputs = callback_on_step_end(self, step, step, kwargs) or {}
-                if outputs.get("tokens") is not None:
-                    tokens.copy_(outputs["tokens"])
-            return self.interrupt
-
         with self.progress_bar(total=total) as bar:
             out = generate_image_tokens(
                 self.model,
@@ -357,7 +318,7 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
                 generator=generator,
                 force_size=force_size,
                 compile=compile,
-                callback=on_step,
+                callback=self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs),
                 progress_bar=bar,
                 device=self._execution_device,
                 speculative_window=speculative_window,
@@ -367,34 +328,86 @@ class LuminaMGPTPipeline(DiffusionPipeline, LuminaMGPTLoraLoaderMixin):
             return LuminaMGPTPipelineOutput(images=[]) if return_dict else ([],)
 
         seqs = out.sequences if isinstance(out.sequences, list) else list(out.sequences)
-        grids = [proc.extract_image_tokens(s.tolist())[0] for s in seqs]
+        grids = [self.processor.extract_image_tokens(s.tolist())[0] for s in seqs]
         if num_candidates > 1:
             captions = [p for p in prompts for _ in range(num_images_per_prompt)]
-            scores = self.describe_log_likelihood(grids, [c for c in captions for _ in range(num_candidates)],
-                                                  chunk_size=n_images)
-            best = scores.view(n_images, num_candidates).argmax(dim=1)
-            grids = [grids[i * num_candidates + int(k)] for i, k in enumerate(best)]
-        if output_type == "latent":
-            result = grids if len({tuple(g.shape) for g in grids}) > 1 else torch.stack(grids)
-        else:
-            decoded = []
-            for g in grids:
-                pixels = self.model.decode_image_tokens(g.unsqueeze(0).to(execution_device(self.model)))
-                decoded.append(proc.image_processor.postprocess(pixels, "pt")[0])
-            if output_type == "pil":
-                result = [PIL.Image.fromarray(d.permute(1, 2, 0).numpy(), "RGB") for d in decoded]
-            else:
-                same = len({tuple(d.shape) for d in decoded}) == 1
-                stacked = [d.float() / 255.0 for d in decoded]
-                if output_type == "pt":
-                    result = torch.stack(stacked) if same else stacked
-                else:
-                    arrs = [s.permute(1, 2, 0).numpy() for s in stacked]
-                    result = np.stack(arrs) if same else arrs
+            grids = self._best_candidates(grids, captions, num_candidates)
+        result = self._postprocess(grids, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (result,)
         return LuminaMGPTPipelineOutput(images=result)
+
+    def _default_speculative_window(self) -> int | None:
+        """The model's `generation_config.speculative_window`, checked (None when it has none)."""
+        window = getattr(getattr(self.model, "generation_config", None), "speculative_window", None)
+        if window is not None:
+            try:
+                _check_int("speculative_window", window, minimum=0)
+            except ValueError as err:
+                raise ValueError(f"the model's generation_config is invalid: {err} Fix generation_config.json.") from None
+        return window
+
+    def _encode_prompts(self, prompts, images, task, height, width):
+        """Each prompt as token ids (input images VQ-encoded here, so the ids are final) and the one image size
+        (height, width) of the call."""
+        proc = self.processor
+        sizes, cond = [], []
+        for i, p in enumerate(prompts):
+            if task is not None:
+                feats = proc.image_processor([images[i]])
+                h, w = feats["pixel_values"].shape[-2:]
+                h, w = (h, w) if height is None else (height, width)
+                inputs = proc(text=self._task_text(task, p), images=[images[i]])  # placeholders: the model writes the codes
+                ids = self.model.fill_image_placeholders(inputs["input_ids"], inputs["pixel_values"])[0][0].tolist()
+            else:
+                h = height or proc.image_processor.target_size
+                w = width or proc.image_processor.target_size
+                ids = proc(text=text_to_image_prompt(p, w, h), return_tensors=None)["input_ids"][0]
+            sizes.append((h, w))
+            cond.append(ids)
+        if len(set(sizes)) > 1:
+            raise ValueError(f"all images of one call must share a size, got {sorted(set(sizes))}: pass height/width.")
+        return cond, sizes[0]
+
+    def _step_callback(self, callback_on_step_end, tensor_inputs):
+        """The decoding loop's per-step hook, with diffusers' callback contract: the named tensors go in, the
+        returned ones replace them; returns whether to stop."""
+
+        def on_step(step, tokens):
+            if callback_on_step_end is not None:
+                kwargs = {"tokens": tokens} if "tokens" in (tensor_inputs or ()) else {}
+                outputs = callback_on_step_end(self, step, step, kwargs) or {}
+                if outputs.get("tokens") is not None:
+                    tokens.copy_(outputs["tokens"])
+            return self.interrupt
+
+        return on_step
+
+    def _best_candidates(self, grids, captions, num_candidates):
+        """Of each image's `num_candidates` neighbouring grids, the one whose caption the model finds most likely."""
+        n_images = len(captions)
+        scores = self.describe_log_likelihood(grids, [c for c in captions for _ in range(num_candidates)],
+                                              chunk_size=n_images)
+        best = scores.view(n_images, num_candidates).argmax(dim=1)
+        return [grids[i * num_candidates + int(k)] for i, k in enumerate(best)]
+
+    def _postprocess(self, grids, output_type):
+        """Image-code grids -> the requested output type (stacked when every image has the same size)."""
+        if output_type == "latent":
+            return grids if len({tuple(g.shape) for g in grids}) > 1 else torch.stack(grids)
+        decoded = []
+        for g in grids:
+            pixels = self.model.decode_image_tokens(g.unsqueeze(0).to(execution_device(self.model)))
+            decoded.append(self.processor.image_processor.postprocess(pixels, "pt")[0])
+        if output_type == "pil":
+            return [PIL.Image.fromarray(d.permute(1, 2, 0).numpy(), "RGB") for d in decoded]
+        same = len({tuple(d.shape) for d in decoded}) == 1
+        stacked = [d.float() / 255.0 for d in decoded]
+        if output_type == "pt":
+            return torch.stack(stacked) if same else stacked
+        arrs = [t.permute(1, 2, 0).numpy() for t in stacked]
+        return np.stack(arrs) if same else arrs
 
     # ------------------------------------------------------------------ candidate ranking
     @staticmethod
