@@ -442,43 +442,20 @@ def generate_image_tokens(
             plain decoding's and depend on the batch. At most the image's span (its tokens after the size
             tokens).
     """
-    cfg = model.config
-    if not prompts:
-        raise ValueError("no prompts given.")
-    batch = len(prompts)
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
-    if image_top_k is not None and image_top_k < 1:
-        raise ValueError(f"image_top_k must be >= 1 (or None for no top-k), got {image_top_k}.")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.")
-    if negative_prompts is not None and len(negative_prompts) != batch:
-        raise ValueError(f"{len(negative_prompts)} negative prompts for {batch} prompts: give one per prompt.")
-    if getattr(cfg, "mask_image_logits", False):
-        raise ValueError(
-            "this model's config has mask_image_logits=True (stock Chameleon): its forward hides every image-code "
-            "logit, so it cannot write images. Set model.config.mask_image_logits = False to generate."
-        )
+    _check_request(model.config, prompts, negative_prompts, guidance_scale, image_top_k, temperature, do_sample,
+                   speculative_window)
     _check_compile(compile)
-    generator = normalize_generators(generator, batch)
+    generator = normalize_generators(generator, len(prompts))
     from .offload import execution_device
 
     # not `model.device`: with CPU offload the weights sit on "meta" (or the CPU) between calls
     device = torch.device(device) if device is not None else execution_device(model)
-    layout = cfg.unirep
-    if speculative_window is not None:
-        if isinstance(speculative_window, bool) or not isinstance(speculative_window, int) or speculative_window < 0:
-            raise ValueError(
-                f"speculative_window must be an integer >= 0 (the tokens per forward; 0 or None for plain decoding), "
-                f"got {speculative_window!r}."
-            )
-
+    layout = model.config.unirep
     if force_size:
         if height is None or width is None:
             raise ValueError("height and width are required when force_size=True.")
         layout.size_units(height, "height")
         layout.size_units(width, "width")
-        sizes = [(height, width)] * batch
     # the span of the largest image the call can make: the requested size, or the largest the model may sample
     largest_side = layout.max_size_units * layout.patch_size
     most = layout.grid_length(*layout.grid_shape(*((height, width) if force_size else (largest_side,) * 2)))
@@ -487,27 +464,78 @@ def generate_image_tokens(
             f"speculative_window={speculative_window} is larger than the image span ({most} tokens after the size "
             f"tokens): use at most {most}."
         )
-    if not force_size:
-        sizes = _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator, device)
-    forwards_before = 0 if force_size else 2
-
+    if force_size:
+        sizes, forwards_before = [(height, width)] * len(prompts), 0
+    else:
+        sizes, forwards_before = _sample_sizes(model, prompts, image_top_k, temperature, do_sample, generator, device), 2
+    sampling = dict(negative_prompts=negative_prompts, guidance_scale=guidance_scale, image_top_k=image_top_k,
+                    temperature=temperature, do_sample=do_sample, generator=generator, compile=compile,
+                    callback=callback, progress_bar=progress_bar, device=device, forwards_before=forwards_before)
     if speculative_window:
         from .speculative import speculative_generate
 
         largest = max(layout.grid_length(*layout.grid_shape(h, w)) for h, w in sizes)
         if speculative_window > largest:
             logger.info("speculative_window %d > the sampled images' span %d: using %d", speculative_window, largest, largest)
-        return speculative_generate(
-            model, prompts, sizes, window=min(speculative_window, largest), negative_prompts=negative_prompts,
-            guidance_scale=guidance_scale, image_top_k=image_top_k, temperature=temperature, do_sample=do_sample,
-            generator=generator, compile=compile, callback=callback, progress_bar=progress_bar, device=device,
-            forwards_before=forwards_before,
-        )
+        return speculative_generate(model, prompts, sizes, window=min(speculative_window, largest), **sampling)
+    return _token_by_token(model, prompts, sizes, **sampling)
 
-    # The step schedule is planned here from Python ints, so the decode loop never reads the device.
+
+def _check_request(cfg, prompts, negative_prompts, guidance_scale, image_top_k, temperature, do_sample,
+                   speculative_window) -> None:
+    """Refuse sampling arguments that cannot work, before anything runs on the device."""
+    if not prompts:
+        raise ValueError("no prompts given.")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+    if image_top_k is not None and image_top_k < 1:
+        raise ValueError(f"image_top_k must be >= 1 (or None for no top-k), got {image_top_k}.")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.")
+    if negative_prompts is not None and len(negative_prompts) != len(prompts):
+        raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts: give one per prompt.")
+    if getattr(cfg, "mask_image_logits", False):
+        raise ValueError(
+            "this model's config has mask_image_logits=True (stock Chameleon): its forward hides every image-code "
+            "logit, so it cannot write images. Set model.config.mask_image_logits = False to generate."
+        )
+    if speculative_window is not None:
+        if isinstance(speculative_window, bool) or not isinstance(speculative_window, int) or speculative_window < 0:
+            raise ValueError(
+                f"speculative_window must be an integer >= 0 (the tokens per forward; 0 or None for plain decoding), "
+                f"got {speculative_window!r}."
+            )
+
+
+def _step_plan(cfg, sizes, n_steps, device):
+    """The step schedule, planned from Python ints so that the decode loop never reads the device: per step its
+    kind (a free code, a forced row end / end token; "mixed" when rows have different grids, resolved per row on
+    the device), the output buffer with the forced tokens already written, and for mixed grids the per-row grid
+    tensors."""
+    layout = cfg.unirep
+    batch = len(sizes)
     grid_rows = [layout.grid_shape(h, w)[0] for h, w in sizes]
     grid_cols = [layout.grid_shape(h, w)[1] for h, w in sizes]
-    uniform = len(set(sizes)) == 1
+    if len(set(sizes)) == 1:
+        schedule = layout.step_kinds(grid_rows[0], grid_cols[0], n_steps)
+        forced = [cfg.image_row_end_token_id if k == "row_end" else cfg.image_end_token_id for k in schedule]
+        return schedule, torch.tensor([forced] * batch, dtype=torch.long).to(device), None
+    out_tokens = torch.full((batch, n_steps), cfg.image_end_token_id, dtype=torch.long, device=device)
+    grid_shape = (
+        torch.tensor(grid_rows, device=device),
+        torch.tensor(grid_cols, device=device),
+        torch.full((batch,), cfg.image_row_end_token_id, dtype=torch.long, device=device),
+        torch.full((batch,), cfg.image_end_token_id, dtype=torch.long, device=device),
+    )
+    return ["mixed"] * n_steps, out_tokens, grid_shape
+
+
+def _token_by_token(model, prompts, sizes, *, negative_prompts, guidance_scale, image_top_k, temperature, do_sample,
+                    generator, compile, callback, progress_bar, device, forwards_before) -> ImageGenerationOutput:
+    """Plain guided decoding of the images of `sizes`: one token per row per forward."""
+    cfg = model.config
+    layout = cfg.unirep
+    batch = len(prompts)
     span = [layout.grid_length(*layout.grid_shape(h, w)) for h, w in sizes]
     n_steps = max(span)
     prefixes = [layout.prefix(h, w) for h, w in sizes]
@@ -517,31 +545,18 @@ def generate_image_tokens(
     if use_cfg:
         negs = negative_prompts or [[] for _ in range(batch)]
         contexts += [list(n) + pre for n, pre in zip(negs, prefixes)]
-    if max(len(c) for c in contexts) + n_steps > cfg.max_position_embeddings:
-        raise ValueError(
-            f"the prompt ({max(len(c) for c in contexts)} tokens) plus the image ({n_steps} tokens) exceed the "
-            f"model's context of {cfg.max_position_embeddings} tokens: shorten the prompt or ask for a smaller image."
-        )
     prompt_len = max(len(c) for c in contexts)
+    if prompt_len + n_steps > cfg.max_position_embeddings:
+        raise ValueError(
+            f"the prompt ({prompt_len} tokens) plus the image ({n_steps} tokens) exceed the model's context of "
+            f"{cfg.max_position_embeddings} tokens: shorten the prompt or ask for a smaller image."
+        )
     cache_len = _cache_length(prompt_len + n_steps, cfg.max_position_embeddings)
     ids, mask, pos = _left_pad(contexts, cfg.pad_token_id, cache_len, device)
 
     # Image codes in code order: the sampler works on this gathered slice of the vocabulary.
     code_ids = model.model.image_code_to_id.to(device)
-    if uniform:
-        schedule = layout.step_kinds(grid_rows[0], grid_cols[0], n_steps)
-        forced = [cfg.image_row_end_token_id if k == "row_end" else cfg.image_end_token_id for k in schedule]
-        out_tokens = torch.tensor([forced] * batch, dtype=torch.long).to(device)
-        grid_shape = None
-    else:  # rows of different grid sizes: each step is resolved per row on the device
-        schedule = ["mixed"] * n_steps
-        out_tokens = torch.full((batch, n_steps), cfg.image_end_token_id, dtype=torch.long, device=device)
-        grid_shape = (
-            torch.tensor(grid_rows, device=device),
-            torch.tensor(grid_cols, device=device),
-            torch.full((batch,), cfg.image_row_end_token_id, dtype=torch.long, device=device),
-            torch.full((batch,), cfg.image_end_token_id, dtype=torch.long, device=device),
-        )
+    schedule, out_tokens, grid_shape = _step_plan(cfg, sizes, n_steps, device)
 
     step_fn = _decode_step_for(model, code_ids, compile, cache_len, len(contexts), device)
     step_fn.start()
@@ -572,7 +587,7 @@ def generate_image_tokens(
     )
 
     prefix = torch.tensor(prefixes, dtype=torch.long).to(device)
-    if uniform:
+    if grid_shape is None:
         sequences = torch.cat([prefix, out_tokens], dim=1)
     else:
         sequences = [torch.cat([prefix[b], out_tokens[b, : span[b]]]) for b in range(batch)]
