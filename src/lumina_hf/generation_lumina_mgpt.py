@@ -530,6 +530,28 @@ def _step_plan(cfg, sizes, n_steps, device):
     return ["mixed"] * n_steps, out_tokens, grid_shape
 
 
+def _guided_prompt_batch(cfg, prompts, negative_prompts, prefixes, use_cfg: bool, n_steps: int, cache_steps: int,
+                         device):
+    """The left-padded prompt rows of a guided batch: each prompt followed by its image prefix, then with guidance
+    the negative prompts (default: empty) followed by the same prefixes. Refuses a longest context that leaves no
+    room for the image's `n_steps` in the model's context. The cache holds the longest context plus `cache_steps`,
+    rounded up by `_cache_length`. Returns `ids, mask, pos` (left-padded to the cache length), the longest
+    context's length and the cache length."""
+    contexts = [list(p) + pre for p, pre in zip(prompts, prefixes)]
+    if use_cfg:
+        negs = negative_prompts or [[] for _ in range(len(prompts))]
+        contexts += [list(n) + pre for n, pre in zip(negs, prefixes)]
+    prompt_len = max(len(c) for c in contexts)
+    if prompt_len + n_steps > cfg.max_position_embeddings:
+        raise ValueError(
+            f"the prompt ({prompt_len} tokens) plus the image ({n_steps} tokens) exceed the model's context of "
+            f"{cfg.max_position_embeddings} tokens: shorten the prompt or ask for a smaller image."
+        )
+    cache_len = _cache_length(prompt_len + cache_steps, cfg.max_position_embeddings)
+    ids, mask, pos = _left_pad(contexts, cfg.pad_token_id, cache_len, device)
+    return ids, mask, pos, prompt_len, cache_len
+
+
 def _token_by_token(model, prompts, sizes, *, negative_prompts, guidance_scale, image_top_k, temperature, do_sample,
                     generator, compile, callback, progress_bar, device, forwards_before) -> ImageGenerationOutput:
     """Plain guided decoding of the images of `sizes`: one token per row per forward."""
@@ -541,24 +563,14 @@ def _token_by_token(model, prompts, sizes, *, negative_prompts, guidance_scale, 
     prefixes = [layout.prefix(h, w) for h, w in sizes]
 
     use_cfg = guidance_scale != 1.0
-    contexts = [list(p) + pre for p, pre in zip(prompts, prefixes)]
-    if use_cfg:
-        negs = negative_prompts or [[] for _ in range(batch)]
-        contexts += [list(n) + pre for n, pre in zip(negs, prefixes)]
-    prompt_len = max(len(c) for c in contexts)
-    if prompt_len + n_steps > cfg.max_position_embeddings:
-        raise ValueError(
-            f"the prompt ({prompt_len} tokens) plus the image ({n_steps} tokens) exceed the model's context of "
-            f"{cfg.max_position_embeddings} tokens: shorten the prompt or ask for a smaller image."
-        )
-    cache_len = _cache_length(prompt_len + n_steps, cfg.max_position_embeddings)
-    ids, mask, pos = _left_pad(contexts, cfg.pad_token_id, cache_len, device)
+    ids, mask, pos, _, cache_len = _guided_prompt_batch(cfg, prompts, negative_prompts, prefixes, use_cfg, n_steps,
+                                                        n_steps, device)
 
     # Image codes in code order: the sampler works on this gathered slice of the vocabulary.
     code_ids = model.model.image_code_to_id.to(device)
     schedule, out_tokens, grid_shape = _step_plan(cfg, sizes, n_steps, device)
 
-    step_fn = _decode_step_for(model, code_ids, compile, cache_len, len(contexts), device)
+    step_fn = _decode_step_for(model, code_ids, compile, cache_len, ids.shape[0], device)
     step_fn.start()
     # The prompt goes through the model's own forward (so hooks such as CPU offload move the model to the
     # device first); only the last position's image-code logits are kept.
