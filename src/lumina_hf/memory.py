@@ -37,6 +37,7 @@ import logging
 import re
 import functools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -240,102 +241,167 @@ def memory_estimate(
 
     Returns a `MemoryEstimate`; `.peak` is the predicted peak in bytes, `.table()` the breakdown.
     """
+    _check_estimate_args(batch_size, num_candidates, prompt_length, quantization)
+    layout = config.unirep
+    layout.size_units(height, "height")
+    layout.size_units(width, "width")
+    b = _dtype_bytes(dtype)
+    d = _dims(config)
+    w = _weight_bytes(config, d, b, quantization, group_size)
+    vq_params, vq_buffers, top_channels = _vqgan_counts(config)
+
+    # ---- sequence lengths
+    rows = batch_size * num_candidates * (2 if guidance else 1)
+    grid_rows, grid_cols = layout.grid_shape(height, width)
+    prompt = prompt_length + 3  # + the image prefix (start token and the two size tokens)
+    cache_length = _decode_cache_length(config, prompt + layout.grid_length(grid_rows, grid_cols))
+
+    layer_kv = _kv_bytes(d, rows, cache_length, b)
+    prefill, decode = _decode_activation_bytes(d, b, rows, prompt, cache_length)
+    return MemoryEstimate(
+        weights=w.total,
+        vqgan_weights=vq_params,
+        buffers=_buffer_bytes(d, vq_buffers),
+        decode_head=d.codes * d.hidden * b,
+        kv_cache=d.layers * layer_kv,
+        prefill_activations=prefill,
+        decode_activations=decode,
+        vqgan_activations=_vqgan_activation_bytes(top_channels, height, width, grid_rows * grid_cols),
+        ranking_activations=_ranking_bytes(d, b, layout, height, width, batch_size, num_candidates, prompt),
+        layer_weights=w.layer,
+        layer_kv_cache=layer_kv,
+        embedding_weights=w.embedding,
+        lm_head_weights=w.lm_head,
+        largest_module=w.largest_module,
+        rows=rows,
+        cache_length=cache_length,
+        settings=dict(height=height, width=width, batch_size=batch_size, dtype=str(dtype).removeprefix("torch."),
+                      quantization=quantization, guidance=guidance, num_candidates=num_candidates,
+                      prompt_length=prompt_length, num_layers=d.layers),
+    )
+
+
+# ------------------------------------------------------------------------------------ terms of the estimate
+def _check_estimate_args(batch_size: int, num_candidates: int, prompt_length: int, quantization: str | None) -> None:
+    """Refuse counts below 1 (or not integers) and an unknown quantization."""
     for name, value in (("batch_size", batch_size), ("num_candidates", num_candidates), ("prompt_length", prompt_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantization must be None, 'int8' or 'int4', got {quantization!r}.")
-    layout = config.unirep
-    layout.size_units(height, "height")
-    layout.size_units(width, "width")
-    b = _dtype_bytes(dtype)
 
-    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    n_layers, n_heads, n_kv = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
-    hd = _head_dim(config)
-    n_codes = len(config.image_code_to_token_id())
 
-    # ---- weights
-    linears = [(n_heads * hd, h), (n_kv * hd, h), (n_kv * hd, h), (h, n_heads * hd), (inter, h), (inter, h), (h, inter)]
-    layer_linear = sum(linear_weight_bytes(o, i, b, quantization, group_size) for o, i in linears)
+class _Dims(NamedTuple):
+    """The sizes of the language model that the estimate uses."""
+
+    hidden: int
+    intermediate: int
+    vocab: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    codes: int  # image codes of the VQGAN codebook
+
+
+def _dims(config) -> _Dims:
+    return _Dims(config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers,
+                 config.num_attention_heads, config.num_key_value_heads, _head_dim(config),
+                 len(config.image_code_to_token_id()))
+
+
+class _Weights(NamedTuple):
+    """Bytes of the language model's weights: all of them, one decoder layer, the embeddings, the LM head, and the
+    largest single module."""
+
+    total: int
+    layer: int
+    embedding: int
+    lm_head: int
+    largest_module: int
+
+
+def _layer_linears(d: _Dims) -> list[tuple[int, int]]:
+    """`(out, in)` of one decoder layer's linear weights: q, k, v, o, then the MLP's gate, up and down."""
+    h, hd, inter = d.hidden, d.head_dim, d.intermediate
+    return [(d.heads * hd, h), (d.kv_heads * hd, h), (d.kv_heads * hd, h), (h, d.heads * hd), (inter, h), (inter, h), (h, inter)]
+
+
+def _qk_norm_elements(config, d: _Dims) -> int:
+    """Elements of one layer's q-norm and k-norm parameters (weight and bias each)."""
     if config.qk_norm_layout == "grouped":
         groups = config.model_parallel_size or 1
-        qk_norm = 2 * 2 * groups * hd  # weight and bias of q-norm and of k-norm
-    else:
-        qk_norm = 2 * (n_heads + n_kv) * hd
-    layer_weights = layer_linear + (2 * h + qk_norm) * b  # + input and post-attention RMSNorm weights
-    embedding = vocab * h * b
-    lm_head = vocab * h * b
-    weights = embedding + n_layers * layer_weights + h * b + lm_head
-    vq_params, vq_buffers, top_channels = _vqgan_counts(config)
-    # code -> id (n_codes int64), id -> code (vocab int64), rotary inverse frequencies (head_dim / 2, float32)
-    buffers = n_codes * 8 + vocab * 8 + (hd // 2) * 4 + vq_buffers
+        return 2 * 2 * groups * d.head_dim
+    return 2 * (d.heads + d.kv_heads) * d.head_dim
 
-    # ---- sequence lengths
-    rows_per_image = 2 if guidance else 1
-    rows = batch_size * num_candidates * rows_per_image
-    grid_rows, grid_cols = layout.grid_shape(height, width)
-    steps = layout.grid_length(grid_rows, grid_cols)
-    prompt = prompt_length + 3  # + the image prefix (start token and the two size tokens)
-    from .generation_lumina_mgpt import _cache_length  # the loop rounds the cache up (one compiled shape per bucket)
 
-    cache_length = _cache_length(prompt + steps, config.max_position_embeddings)
+def _weight_bytes(config, d: _Dims, b: int, quantization: str | None, group_size: int) -> _Weights:
+    """The language model's weights in `b`-byte elements, the decoder layers' linears quantized as asked."""
+    linears = [linear_weight_bytes(o, i, b, quantization, group_size) for o, i in _layer_linears(d)]
+    layer = sum(linears) + (2 * d.hidden + _qk_norm_elements(config, d)) * b  # + input and post-attention RMSNorm
+    embedding = d.vocab * d.hidden * b
+    lm_head = d.vocab * d.hidden * b
+    total = embedding + d.layers * layer + d.hidden * b + lm_head
+    return _Weights(total, layer, embedding, lm_head, max(embedding, lm_head, max(linears)))
 
-    # ---- KV cache (static: allocated for the full length at the first forward)
-    layer_kv = 2 * rows * n_kv * cache_length * hd * b
-    kv_cache = n_layers * layer_kv
-    decode_head = n_codes * h * b
 
-    # ---- activations. Per position in one layer: the residual stream, its normalised copy, q, k, v, the attention
-    # output and the o_proj output (hidden-sized), and the MLP's gate, up and their product (intermediate-sized);
-    # plus the attention weights over the cache (float32) and the float32 additive mask.
-    per_position = (6 * h + 3 * inter) * b
-    prefill = rows * prompt * (per_position + n_heads * cache_length * _FP32 + cache_length * _FP32)
-    # one step: the same for one position, and the sampler's float32 tensors over the codebook (logits, the guided
-    # logits, the top-k filtered copy, log-softmax, the uniform noise and its Gumbel transform)
-    decode = rows * (per_position + n_heads * cache_length * _FP32 + cache_length * _FP32) + 6 * rows * n_codes * _FP32
+def _buffer_bytes(d: _Dims, vq_buffers: int) -> int:
+    """Non-persistent buffers: code -> id (n_codes int64), id -> code (vocab int64), rotary inverse frequencies
+    (head_dim / 2, float32), plus the VQGAN's."""
+    return d.codes * 8 + d.vocab * 8 + (d.head_dim // 2) * 4 + vq_buffers
 
-    # ---- VQGAN decode of one image. The widest maps are the full-resolution level's; inside one of its residual
-    # blocks five are alive at once: the block input (kept for the shortcut), the first swish output (held by the
-    # local variable while the second half runs), and the second half's conv, norm and swish outputs. Plus the
-    # mid-block attention matrix (softmax input and output) at the latent resolution and the RGB output.
+
+def _decode_cache_length(config, length: int) -> int:
+    """The cache length the decoding loop allocates for `length` tokens (rounded up: one compiled shape per bucket)."""
+    from .generation_lumina_mgpt import _cache_length
+
+    return _cache_length(length, config.max_position_embeddings)
+
+
+def _kv_bytes(d: _Dims, rows: int, length: int, b: int) -> int:
+    """One layer's key and value cache, `(rows, kv_heads, length, head_dim)` each (static: allocated in full at
+    the first forward)."""
+    return 2 * rows * d.kv_heads * length * d.head_dim * b
+
+
+def _position_bytes(d: _Dims, b: int, attended: int) -> int:
+    """Activations of one position in one layer attending over `attended` positions: the residual stream, its
+    normalised copy, q, k, v, the attention output and the o_proj output (hidden-sized), the MLP's gate, up and
+    their product (intermediate-sized), plus the float32 attention weights and the float32 additive mask."""
+    per_position = (6 * d.hidden + 3 * d.intermediate) * b
+    return per_position + d.heads * attended * _FP32 + attended * _FP32
+
+
+def _decode_activation_bytes(d: _Dims, b: int, rows: int, prompt: int, cache_length: int) -> tuple[int, int]:
+    """`(prefill, one decoding step)`: every prompt position at once, then one position plus the sampler's float32
+    tensors over the codebook (logits, the guided logits, the top-k filtered copy, log-softmax, the uniform noise
+    and its Gumbel transform)."""
+    prefill = rows * prompt * _position_bytes(d, b, cache_length)
+    decode = rows * _position_bytes(d, b, cache_length) + 6 * rows * d.codes * _FP32
+    return prefill, decode
+
+
+def _vqgan_activation_bytes(top_channels: int, height: int, width: int, latent_positions: int) -> int:
+    """VQGAN decode of one image. The widest maps are the full-resolution level's; inside one of its residual
+    blocks five are alive at once: the block input (kept for the shortcut), the first swish output (held by the
+    local variable while the second half runs), and the second half's conv, norm and swish outputs. Plus the
+    mid-block attention matrix (softmax input and output) at the latent resolution and the RGB output."""
     pixels = height * width
-    latent_positions = grid_rows * grid_cols
-    vq_act = 5 * top_channels * pixels * _FP32 + 2 * latent_positions**2 * _FP32 + 3 * pixels * _FP32
+    return 5 * top_channels * pixels * _FP32 + 2 * latent_positions**2 * _FP32 + 3 * pixels * _FP32
 
-    # ---- candidate ranking (num_candidates > 1): one forward per chunk of `batch_size` rows over the describe
-    # question, the candidate's image span and the caption (about the prompt's length), with its own cache, and the
-    # float32 log-softmax over the caption positions
-    ranking = 0
-    if num_candidates > 1:
-        length = layout.span_length(height, width) + prompt
-        ranking = batch_size * length * (per_position + n_heads * length * _FP32 + length * _FP32)
-        ranking += n_layers * 2 * batch_size * n_kv * length * hd * b
-        ranking += 2 * batch_size * prompt * vocab * _FP32
 
-    largest_module = max(embedding, lm_head, max(linear_weight_bytes(o, i, b, quantization, group_size) for o, i in linears))
-    return MemoryEstimate(
-        weights=weights,
-        vqgan_weights=vq_params,
-        buffers=buffers,
-        decode_head=decode_head,
-        kv_cache=kv_cache,
-        prefill_activations=prefill,
-        decode_activations=decode,
-        vqgan_activations=vq_act,
-        ranking_activations=ranking,
-        layer_weights=layer_weights,
-        layer_kv_cache=layer_kv,
-        embedding_weights=embedding,
-        lm_head_weights=lm_head,
-        largest_module=largest_module,
-        rows=rows,
-        cache_length=cache_length,
-        settings=dict(height=height, width=width, batch_size=batch_size, dtype=str(dtype).removeprefix("torch."),
-                      quantization=quantization, guidance=guidance, num_candidates=num_candidates,
-                      prompt_length=prompt_length, num_layers=n_layers),
-    )
-
+def _ranking_bytes(d: _Dims, b: int, layout, height: int, width: int, batch_size: int, num_candidates: int,
+                   prompt: int) -> int:
+    """Candidate ranking (0 unless num_candidates > 1): one forward per chunk of `batch_size` rows over the
+    describe question, the candidate's image span and the caption (about the prompt's length), with its own cache,
+    and the float32 log-softmax over the caption positions."""
+    if num_candidates <= 1:
+        return 0
+    length = layout.span_length(height, width) + prompt
+    ranking = batch_size * length * _position_bytes(d, b, length)
+    ranking += d.layers * _kv_bytes(d, batch_size, length, b)
+    ranking += 2 * batch_size * prompt * d.vocab * _FP32
+    return ranking
 
 # ---------------------------------------------------------------------------------------------------- budgets
 def normalize_max_memory(max_memory: dict) -> dict:

@@ -15,7 +15,8 @@ traceback on the server, shown as a one-line message, and the app keeps serving.
 """
 
 from .app import build_demo, launch
-from .engine import ChatProgress, ChatResult, DemoEngine, OmniResult, Progress, TextToImageResult, Waiting
+from .engine import DemoEngine
+from .events import ChatProgress, ChatResult, OmniResult, Progress, TextToImageResult, Waiting
 from .inputs import (
     MAX_FILE_SIZE,
     DemoInputError,

@@ -2,11 +2,12 @@
 
 
 import logging
-
+from types import SimpleNamespace
 
 from ..processing_lumina_mgpt import IMAGE_MARKER
 
-from .engine import ChatResult, DemoEngine, OmniResult, Progress, TextToImageResult, Waiting
+from .engine import DemoEngine
+from .events import ChatResult, OmniResult, Progress, TextToImageResult, Waiting
 from .inputs import (
     GENERIC_EXAMPLES,
     MAX_CANDIDATES,
@@ -74,8 +75,8 @@ def _as_user_error(gr, err: BaseException):
                     "The app is still running; see the server log for details.", print_exception=False)
 
 
-# One long function on purpose: Gradio lays out a Blocks app inside nested `with` blocks, so the page reads top to
-# bottom here; the logic behind each control is in `DemoEngine` and the small callbacks defined first.
+# The page is built section by section: each `_*_tab` lays out its part inside the Blocks' nested `with` blocks and
+# returns its components; the `_wire_*` functions then connect them to the callbacks, whose logic is in `DemoEngine`.
 def build_demo(pipe, *, title: str = "Lumina-mGPT", notice: str | None = None, examples=None, engine: DemoEngine | None = None):
     """The Gradio app for `pipe`: tabs "Text to image", "Omni" and "Chat", with its queue set up (one worker
     runs the model; up to 16 requests in the queue per event). `notice` is shown as a banner (the command line
@@ -92,10 +93,172 @@ def build_demo(pipe, *, title: str = "Lumina-mGPT", notice: str | None = None, e
     nano = is_nano_pipeline(pipe)
     if examples is None:
         examples = NANO_EXAMPLES if nano else GENERIC_EXAMPLES
-    ip = engine.image_processor
-    choices = size_choices(ip)
+    limit = dict(concurrency_id="model", concurrency_limit=16)
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        _header(gr, pipe, title, notice, nano)
+        with gr.Tabs():
+            t2i = _text_to_image_tab(gr, engine, examples)
+            omni = _omni_tab(gr, nano)
+            chat = _chat_tab(gr, engine, nano)
+        _wire_text_to_image(gr, engine, t2i, limit)
+        stop = _stop_callback(gr, engine)
+        for button in (t2i.halt, omni.halt, chat.halt):
+            button.click(stop, None, None, queue=False)
+        _wire_omni(gr, engine, omni, limit)
+        _wire_chat(gr, engine, chat, limit)
+    demo.queue(max_size=64)
+    demo.lumina_engine = engine  # for callers that want to close it or inspect it
+    return demo
 
-    # ------------------------------------------------------------------ callbacks (generators: streamed)
+
+# ---------------------------------------------------------------------------------------------- page sections
+def _header(gr, pipe, title: str, notice: str | None, nano: bool) -> None:
+    """The title, the model it runs and, when given, the exposure banner."""
+    if nano:
+        about = ("Model: Lumina-mGPT-nano, the small model shipped with lumina_hf. It draws one circle, square or "
+                 "triangle in red, green, blue, yellow, black or white on a background of another of those colors, "
+                 "at 96x96, 128x64 and 64x128; its Omni tasks are segmentation and describe.")
+    else:
+        about = f"Model: `{getattr(pipe, 'name_or_path', None) or 'built in memory'}`"
+    gr.Markdown(f"# {title}\n{about}")
+    if notice:
+        gr.Markdown(f"**⚠ {notice}**", elem_id="exposure-notice")
+
+
+def _text_to_image_tab(gr, engine: DemoEngine, examples) -> SimpleNamespace:
+    """The "Text to image" tab: prompt, size and sampling controls on the left, progress, preview and results on
+    the right."""
+    with gr.Tab("Text to image", id="t2i"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background",
+                                    elem_id="t2i-prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="t2i-negative")
+                size = gr.Dropdown(choices=size_choices(engine.image_processor), value=engine.default_size,
+                                   label="Size (aspect ratio)", allow_custom_value=True, elem_id="t2i-size")
+                with gr.Accordion("Sampling", open=True):
+                    sampling = _text_to_image_sampling(gr, engine)
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
+                    halt = gr.Button("Stop", variant="stop", elem_id="t2i-stop")
+                gr.Examples(examples=examples, inputs=[prompt, size], label="Examples (click to fill in)")
+            with gr.Column(scale=1):
+                status = gr.HTML(elem_id="t2i-status")
+                preview = gr.Image(label="Drawing row by row", type="pil", format="png", interactive=False,
+                                   height=256, elem_id="t2i-preview")
+                gallery = gr.Gallery(label="Results", columns=4, format="png", preview=False,
+                                     object_fit="contain", elem_id="t2i-gallery")
+                info = gr.Markdown(elem_id="t2i-info")
+    return SimpleNamespace(inputs=[prompt, negative, size, *sampling], outputs=[status, preview, gallery, info],
+                           prompt=prompt, go=go, halt=halt)
+
+
+def _text_to_image_sampling(gr, engine: DemoEngine) -> list:
+    """The text-to-image sampling controls, in the order `generate` takes them: guidance, top-k, temperature,
+    seed, number of images, candidates, speculative window (shown only when the pipeline has it)."""
+    guidance = gr.Slider(0, 10, value=engine.default("guidance_scale"), step=0.1,
+                         label="Guidance scale", elem_id="t2i-guidance")
+    top_k = gr.Slider(1, engine.num_codes, value=engine.default("image_top_k"), step=1,
+                      label="Top-k (image codes)", elem_id="t2i-topk")
+    temperature = gr.Slider(0.05, 2.0, value=engine.default("temperature"), step=0.05,
+                            label="Temperature", elem_id="t2i-temperature")
+    seed = gr.Textbox(value="random", label="Seed ('random' or a number; image i gets seed + i)",
+                      elem_id="t2i-seed")
+    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images",
+                           elem_id="t2i-num-images")
+    num_candidates = gr.Slider(
+        1, MAX_CANDIDATES, value=engine.default("num_candidates"), step=1,
+        label="Candidates per image (the model keeps the one it describes best as the prompt)",
+        elem_id="t2i-candidates")
+    speculative = gr.Slider(0, 16, value=0, step=1, label="Speculative window (0: off)",
+                            visible=engine.supports_speculative, elem_id="t2i-speculative")
+    return [guidance, top_k, temperature, seed, num_images, num_candidates, speculative]
+
+
+def _omni_tab(gr, nano: bool) -> SimpleNamespace:
+    """The "Omni" tab: an input image, a task (and its text when the task takes one), the output image or answer."""
+    with gr.Tab("Omni", id="omni"):
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
+                                 height=256, elem_id="omni-image")
+                task = gr.Dropdown(list(TASKS), value="describe" if nano else "depth", label="Task",
+                                   elem_id="omni-task")
+                text = gr.Textbox(label="Text", visible=False, elem_id="omni-text-in")
+                seed = gr.Textbox(value="random", label="Seed", elem_id="omni-seed")
+                with gr.Row():
+                    go = gr.Button("Run", variant="primary", elem_id="omni-run")
+                    halt = gr.Button("Stop", variant="stop", elem_id="omni-stop")
+                if nano:
+                    gr.Examples(
+                        examples=[[p, t] for p, t in zip(nano_example_images(),
+                                                          ["describe", "segmentation", "describe"])],
+                        inputs=[image, task], label="Examples (click to fill in)")
+            with gr.Column():
+                status = gr.HTML(elem_id="omni-status")
+                out = gr.Image(label="Output image", type="pil", format="png", interactive=False,
+                               height=256, elem_id="omni-output")
+                answer = gr.Textbox(label="Answer (describe)", lines=3, interactive=False,
+                                    elem_id="omni-answer")
+    return SimpleNamespace(inputs=[image, task, text, seed], outputs=[status, out, answer], task=task, text=text,
+                           go=go, halt=halt)
+
+
+def _chat_tab(gr, engine: DemoEngine, nano: bool) -> SimpleNamespace:
+    """The "Chat" tab: the conversation, a message box that takes images, and the text sampling controls."""
+    with gr.Tab("Chat", id="chat"):
+        state = gr.State([])
+        chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chat-log")
+        box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", elem_id="chat-box", label="Message",
+                                   placeholder="Write a message; attach images with the clip")
+        with gr.Row():
+            halt = gr.Button("Stop", variant="stop", elem_id="chat-stop")
+            clear = gr.Button("Clear", elem_id="chat-clear")
+        with gr.Accordion("Sampling", open=False):
+            max_new = gr.Slider(16, max(4096, 2 * engine.default_max_new_tokens), step=1,
+                                value=engine.default_max_new_tokens, label="Max new tokens")
+            temperature = gr.Slider(0.05, 2.0, value=engine.default("temperature"), step=0.05,
+                                    label="Temperature")
+            top_k = gr.Slider(1, 200, value=engine.default("text_top_k"), step=1, label="Text top-k")
+        if nano:
+            gr.Examples(examples=[[{"text": t, "files": []}] for t in NANO_CHAT_EXAMPLES], inputs=[box],
+                        label="Examples (click to fill in)")
+    return SimpleNamespace(state=state, chatbot=chatbot, box=box, halt=halt, clear=clear,
+                           sampling=[max_new, temperature, top_k])
+
+
+# ---------------------------------------------------------------------------------------------- events
+def _wire_text_to_image(gr, engine: DemoEngine, t2i: SimpleNamespace, limit: dict) -> None:
+    """Generate (the button, or Enter in the prompt) streams into the status, preview, gallery and settings."""
+    generate = _text_to_image_callback(gr, engine)
+    t2i.go.click(generate, t2i.inputs, t2i.outputs, show_progress="minimal", **limit)
+    t2i.prompt.submit(generate, t2i.inputs, t2i.outputs, show_progress="minimal", **limit)
+
+
+def _wire_omni(gr, engine: DemoEngine, omni: SimpleNamespace, limit: dict) -> None:
+    """The task choice shows or hides the text field; Run streams into the status, output image and answer."""
+    omni.task.change(_task_changed_callback(gr), omni.task, omni.text, queue=False)
+    # the upload is read by the app itself (preprocess=False), so a file that is not an image gets a message
+    omni.go.click(_omni_callback(gr, engine), omni.inputs, omni.outputs, preprocess=False, show_progress="minimal",
+                  **limit)
+
+
+def _wire_chat(gr, engine: DemoEngine, chat: SimpleNamespace, limit: dict) -> None:
+    """Sending a message streams the answer into the conversation (the box is locked meanwhile); Clear empties it."""
+    submitted = chat.box.submit(_chat_callback(gr, engine), [chat.state, chat.box, *chat.sampling],
+                                [chat.chatbot, chat.state, chat.box], show_progress="minimal", **limit)
+
+    def chat_unlock():
+        return gr.MultimodalTextbox(interactive=True)
+
+    submitted.then(chat_unlock, None, chat.box, queue=False)
+    chat.clear.click(lambda: ([], []), None, [chat.chatbot, chat.state], queue=False)
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+def _text_to_image_callback(gr, engine: DemoEngine):
+    """`generate`: runs one text-to-image request, yielding (status, preview, gallery, settings) as it goes."""
+
     def generate(prompt, negative_prompt, size, guidance, top_k, temperature, seed, num_images, num_candidates,
                  speculative_window, request: gr.Request):
         try:
@@ -117,6 +280,12 @@ def build_demo(pipe, *, title: str = "Lumina-mGPT", notice: str | None = None, e
         except Exception as err:
             raise _as_user_error(gr, err) from None
 
+    return generate
+
+
+def _omni_callback(gr, engine: DemoEngine):
+    """`run_omni`: runs one Omni task, yielding (status, output image, answer) as it goes."""
+
     def run_omni(image, task, text, seed, request: gr.Request):
         try:
             events = engine.omni(image, task, text, seed, session=_session(request))
@@ -135,15 +304,23 @@ def build_demo(pipe, *, title: str = "Lumina-mGPT", notice: str | None = None, e
         except Exception as err:
             raise _as_user_error(gr, err) from None
 
-    def chat_display(history):
-        shown = []
-        for m in history:
-            for part in m["content"]:
-                if part["type"] == "text":
-                    shown.append({"role": m["role"], "content": part["text"]})
-                else:
-                    shown.append({"role": m["role"], "content": gr.Image(value=part["image"], format="png")})
-        return shown
+    return run_omni
+
+
+def _chat_display(gr, history) -> list[dict]:
+    """The chat history (content parts) as Chatbot messages: one message per text or image part."""
+    shown = []
+    for m in history:
+        for part in m["content"]:
+            if part["type"] == "text":
+                shown.append({"role": m["role"], "content": part["text"]})
+            else:
+                shown.append({"role": m["role"], "content": gr.Image(value=part["image"], format="png")})
+    return shown
+
+
+def _chat_callback(gr, engine: DemoEngine):
+    """`chat`: answers one message, yielding (shown conversation, history, message box) as the answer grows."""
 
     def chat(history, message, max_new_tokens, temperature, top_k, request: gr.Request):
         history = list(history or [])
@@ -155,7 +332,7 @@ def build_demo(pipe, *, title: str = "Lumina-mGPT", notice: str | None = None, e
             user_turn = {"role": "user", "content": (
                 ([{"type": "text", "text": text.strip()}] if text and text.strip() else [])
                 + [{"type": "image", "image": im} for im in images])}
-            shown = chat_display([*history, user_turn])
+            shown = _chat_display(gr, [*history, user_turn])
             yield shown + [{"role": "assistant", "content": "…"}], history, gr.MultimodalTextbox(value=None, interactive=False)
             for ev in events:
                 if isinstance(ev, ChatResult):
@@ -163,7 +340,7 @@ def build_demo(pipe, *, title: str = "Lumina-mGPT", notice: str | None = None, e
                         gr.Warning("The model left an image unfinished: " + ev.errors[0])
                     parts = ev.parts or [{"type": "text", "text": "(stopped)" if ev.stopped else "(no answer)"}]
                     new_history = [*history, user_turn, {"role": "assistant", "content": parts}]
-                    yield chat_display(new_history), new_history, gr.MultimodalTextbox(value=None, interactive=True)
+                    yield _chat_display(gr, new_history), new_history, gr.MultimodalTextbox(value=None, interactive=True)
                     return
                 if isinstance(ev, Waiting):
                     answer = f"(waiting for the model: {ev.ahead} request(s) ahead)"
@@ -175,127 +352,28 @@ def build_demo(pipe, *, title: str = "Lumina-mGPT", notice: str | None = None, e
         except Exception as err:
             raise _as_user_error(gr, err) from None
 
-    def chat_unlock():
-        return gr.MultimodalTextbox(interactive=True)
+    return chat
+
+
+def _stop_callback(gr, engine: DemoEngine):
+    """`stop`: stops the requests of the clicking user's session (the Stop button of every tab)."""
 
     def stop(request: gr.Request):
         n = engine.stop(_session(request))
         if n:
             gr.Info("Stopping…")
 
+    return stop
+
+
+def _task_changed_callback(gr):
+    """`task_changed`: the Omni text field, shown (and labelled) only for a task that takes text."""
+
     def task_changed(task):
         need = TASK_TEXT.get(task)
         return gr.Textbox(visible=need is not None, label=(need or "text").capitalize())
 
-    # ------------------------------------------------------------------ layout
-    limit = dict(concurrency_id="model", concurrency_limit=16)
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        if nano:
-            about = ("Model: Lumina-mGPT-nano, the small model shipped with lumina_hf. It draws one circle, square or "
-                     "triangle in red, green, blue, yellow, black or white on a background of another of those colors, "
-                     "at 96x96, 128x64 and 64x128; its Omni tasks are segmentation and describe.")
-        else:
-            about = f"Model: `{getattr(pipe, 'name_or_path', None) or 'built in memory'}`"
-        gr.Markdown(f"# {title}\n{about}")
-        if notice:
-            gr.Markdown(f"**⚠ {notice}**", elem_id="exposure-notice")
-        with gr.Tabs():
-            with gr.Tab("Text to image", id="t2i"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background",
-                                            elem_id="t2i-prompt")
-                        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="t2i-negative")
-                        size = gr.Dropdown(choices=choices, value=engine.default_size, label="Size (aspect ratio)",
-                                           allow_custom_value=True, elem_id="t2i-size")
-                        with gr.Accordion("Sampling", open=True):
-                            guidance = gr.Slider(0, 10, value=engine.default("guidance_scale"), step=0.1,
-                                                 label="Guidance scale", elem_id="t2i-guidance")
-                            top_k = gr.Slider(1, engine.num_codes, value=engine.default("image_top_k"), step=1,
-                                              label="Top-k (image codes)", elem_id="t2i-topk")
-                            temperature = gr.Slider(0.05, 2.0, value=engine.default("temperature"), step=0.05,
-                                                    label="Temperature", elem_id="t2i-temperature")
-                            seed = gr.Textbox(value="random", label="Seed ('random' or a number; image i gets seed + i)",
-                                              elem_id="t2i-seed")
-                            num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images",
-                                                   elem_id="t2i-num-images")
-                            num_candidates = gr.Slider(
-                                1, MAX_CANDIDATES, value=engine.default("num_candidates"), step=1,
-                                label="Candidates per image (the model keeps the one it describes best as the prompt)",
-                                elem_id="t2i-candidates")
-                            speculative = gr.Slider(0, 16, value=0, step=1, label="Speculative window (0: off)",
-                                                    visible=engine.supports_speculative, elem_id="t2i-speculative")
-                        with gr.Row():
-                            go = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
-                            halt = gr.Button("Stop", variant="stop", elem_id="t2i-stop")
-                        gr.Examples(examples=examples, inputs=[prompt, size], label="Examples (click to fill in)")
-                    with gr.Column(scale=1):
-                        status = gr.HTML(elem_id="t2i-status")
-                        preview = gr.Image(label="Drawing row by row", type="pil", format="png", interactive=False,
-                                           height=256, elem_id="t2i-preview")
-                        gallery = gr.Gallery(label="Results", columns=4, format="png", preview=False,
-                                             object_fit="contain", elem_id="t2i-gallery")
-                        info = gr.Markdown(elem_id="t2i-info")
-            with gr.Tab("Omni", id="omni"):
-                with gr.Row():
-                    with gr.Column():
-                        omni_image = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
-                                              height=256, elem_id="omni-image")
-                        task = gr.Dropdown(list(TASKS), value="describe" if nano else "depth", label="Task",
-                                           elem_id="omni-task")
-                        omni_text = gr.Textbox(label="Text", visible=False, elem_id="omni-text-in")
-                        omni_seed = gr.Textbox(value="random", label="Seed", elem_id="omni-seed")
-                        with gr.Row():
-                            omni_go = gr.Button("Run", variant="primary", elem_id="omni-run")
-                            omni_halt = gr.Button("Stop", variant="stop", elem_id="omni-stop")
-                        if nano:
-                            gr.Examples(
-                                examples=[[p, t] for p, t in zip(nano_example_images(),
-                                                                  ["describe", "segmentation", "describe"])],
-                                inputs=[omni_image, task], label="Examples (click to fill in)")
-                    with gr.Column():
-                        omni_status = gr.HTML(elem_id="omni-status")
-                        omni_out = gr.Image(label="Output image", type="pil", format="png", interactive=False,
-                                            height=256, elem_id="omni-output")
-                        omni_answer = gr.Textbox(label="Answer (describe)", lines=3, interactive=False,
-                                                 elem_id="omni-answer")
-            with gr.Tab("Chat", id="chat"):
-                chat_state = gr.State([])
-                chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chat-log")
-                box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", elem_id="chat-box", label="Message",
-                                           placeholder="Write a message; attach images with the clip")
-                with gr.Row():
-                    chat_halt = gr.Button("Stop", variant="stop", elem_id="chat-stop")
-                    clear = gr.Button("Clear", elem_id="chat-clear")
-                with gr.Accordion("Sampling", open=False):
-                    max_new = gr.Slider(16, max(4096, 2 * engine.default_max_new_tokens), step=1,
-                                        value=engine.default_max_new_tokens, label="Max new tokens")
-                    chat_temperature = gr.Slider(0.05, 2.0, value=engine.default("temperature"), step=0.05,
-                                                 label="Temperature")
-                    chat_topk = gr.Slider(1, 200, value=engine.default("text_top_k"), step=1, label="Text top-k")
-                if nano:
-                    gr.Examples(examples=[[{"text": t, "files": []}] for t in NANO_CHAT_EXAMPLES], inputs=[box],
-                                label="Examples (click to fill in)")
-
-        # ------------------------------------------------------------------ events
-        go.click(generate, [prompt, negative, size, guidance, top_k, temperature, seed, num_images, num_candidates,
-                            speculative], [status, preview, gallery, info], show_progress="minimal", **limit)
-        prompt.submit(generate, [prompt, negative, size, guidance, top_k, temperature, seed, num_images,
-                                 num_candidates, speculative], [status, preview, gallery, info],
-                      show_progress="minimal", **limit)
-        for button in (halt, omni_halt, chat_halt):
-            button.click(stop, None, None, queue=False)
-        task.change(task_changed, task, omni_text, queue=False)
-        # the upload is read by the app itself (preprocess=False), so a file that is not an image gets a message
-        omni_go.click(run_omni, [omni_image, task, omni_text, omni_seed], [omni_status, omni_out, omni_answer],
-                      preprocess=False, show_progress="minimal", **limit)
-        submitted = box.submit(chat, [chat_state, box, max_new, chat_temperature, chat_topk],
-                               [chatbot, chat_state, box], show_progress="minimal", **limit)
-        submitted.then(chat_unlock, None, box, queue=False)
-        clear.click(lambda: ([], []), None, [chatbot, chat_state], queue=False)
-    demo.queue(max_size=64)
-    demo.lumina_engine = engine  # for callers that want to close it or inspect it
-    return demo
+    return task_changed
 
 
 def launch(demo, host: str = "127.0.0.1", port: int = 7860, share: bool = False,

@@ -1,5 +1,5 @@
-"""`DemoEngine`: runs the demo's requests on one worker thread that owns the pipeline (no Gradio needed), and the
-events a request streams while it runs."""
+"""`DemoEngine`: runs the demo's requests on one worker thread that owns the pipeline (no Gradio needed); the
+events a request streams while it runs are defined in `events`."""
 
 
 import dataclasses
@@ -20,6 +20,7 @@ from ..offload import execution_device
 from ..pipeline_lumina_mgpt import TEXT_TASKS
 from ..processing_lumina_mgpt import IMAGE_MARKER
 
+from .events import ChatProgress, ChatResult, GeneratedImage, OmniResult, Progress, TextToImageResult, Waiting
 from .inputs import (
     EMIT_INTERVAL_S,
     MAX_BATCH_IMAGES,
@@ -39,73 +40,7 @@ from .inputs import (
 
 logger = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------------- events
-@dataclasses.dataclass
-class Waiting:
-    """The request is queued behind `ahead` others."""
-
-    ahead: int
-
-
-@dataclasses.dataclass
-class Progress:
-    """Image tokens: `step` of `total` done, `rows_done` of `rows` grid rows complete; `preview` (when not None)
-    is the image decoded from the complete rows, the rest left gray, at the final size."""
-
-    step: int
-    total: int
-    rows_done: int
-    rows: int
-    preview: PIL.Image.Image | None = None
-
-
-@dataclasses.dataclass
-class ChatProgress:
-    """The answer so far: `text` (finished images shown as `<|image|>`) and, while the model draws an image,
-    `drawing` = image tokens written so far."""
-
-    text: str
-    drawing: int | None = None
-
-
-@dataclasses.dataclass
-class GeneratedImage:
-    image: PIL.Image.Image
-    seed: int
-    caption: str
-
-
-@dataclasses.dataclass
-class TextToImageResult:
-    """`images` (empty when stopped), the `settings` used (seed of the first image included) and `seconds`."""
-
-    images: list[GeneratedImage]
-    settings: dict
-    seconds: float
-    stopped: bool = False
-
-
-@dataclasses.dataclass
-class OmniResult:
-    task: str
-    image: PIL.Image.Image | None
-    text: str | None
-    seed: int
-    seconds: float
-    stopped: bool = False
-
-
-@dataclasses.dataclass
-class ChatResult:
-    """The assistant's turn as chat content parts (`{"type": "text", "text"}` / `{"type": "image", "image"}`), and
-    one message per image span the model left malformed (dropped from the parts)."""
-
-    parts: list[dict]
-    errors: list[str]
-    seconds: float
-    stopped: bool = False
-
-
+# ---------------------------------------------------------------------------------------------- queue messages
 @dataclasses.dataclass
 class _Failed:
     error: BaseException

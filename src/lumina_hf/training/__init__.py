@@ -20,7 +20,8 @@ from .arguments import (
     recipe_keys,
 )
 from .collator import LuminaMGPTDataCollator
-from .runner import TrainingResult, build_datasets, build_peft_config, build_trainer, run_recipe, synthetic_dataset
+from .mixture import build_datasets, synthetic_dataset
+from .runner import TrainingResult, build_peft_config, build_trainer, run_recipe
 from .trainer import LuminaSFTTrainer, chunked_lm_loss
 
 __all__ = [
