@@ -33,13 +33,7 @@ TARGET = 64  # tiny processor bucket family: 64x64 images are 24 decoding steps
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(autouse=True)
-def _offline_hub(monkeypatch, tmp_path):
-    """xet off (the stand-in speaks the LFS protocol), no ambient token, no saved login."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 @pytest.fixture(scope="module")

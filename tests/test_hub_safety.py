@@ -42,13 +42,7 @@ PIPELINE_FILES = {
 MASKED = TOKEN[:4] + "..."
 
 
-@pytest.fixture(autouse=True)
-def _offline_hub(monkeypatch, tmp_path):
-    """xet off (the stand-in speaks the LFS protocol), no ambient token, no saved login."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 @pytest.fixture(scope="module")

@@ -200,10 +200,16 @@ def _decode_step_for(model, code_ids: torch.Tensor, compile: bool | str, cache_l
     if not compile:
         return _DecodeStep(model, code_ids, compile, cache_len)
     key = (compile, cache_len, rows, model.dtype, torch.device(device))
+    return _kept_compiled_step(model, key, lambda: _DecodeStep(model, code_ids, compile, cache_len))
+
+
+def _kept_compiled_step(model, key: tuple, build: Callable[[], object]):
+    """The model's kept compiled step when it was built for `key` (same shapes, dtype, device), else a new one
+    from `build()` that replaces it (one per model: the old one's cache is freed before the new one is made)."""
     step = _COMPILED_STEPS.get(model)
     if step is None or getattr(step, "key", None) != key:
-        _COMPILED_STEPS.pop(model, None)  # free the old cache before allocating the new one
-        step = _DecodeStep(model, code_ids, compile, cache_len)
+        _COMPILED_STEPS.pop(model, None)
+        step = build()
         step.key = key
         _COMPILED_STEPS[model] = step
     return step

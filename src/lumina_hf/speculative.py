@@ -57,10 +57,10 @@ import torch
 import torch.nn.functional as F
 
 from .generation_lumina_mgpt import (
-    _COMPILED_STEPS,
     ImageGenerationOutput,
     _DecodeStep,
     _guided_prompt_batch,
+    _kept_compiled_step,
     draw_uniform,
     top_k_filter,
 )
@@ -90,13 +90,7 @@ def _window_step_for(model, code_ids, compile, cache_len: int, rows: int, window
     if not compile:
         return _WindowStep(model, code_ids, compile, cache_len)
     key = ("window", window, compile, cache_len, rows, model.dtype, torch.device(device))
-    step = _COMPILED_STEPS.get(model)
-    if step is None or getattr(step, "key", None) != key:
-        _COMPILED_STEPS.pop(model, None)  # free the old cache before allocating the new one
-        step = _WindowStep(model, code_ids, compile, cache_len)
-        step.key = key
-        _COMPILED_STEPS[model] = step
-    return step
+    return _kept_compiled_step(model, key, lambda: _WindowStep(model, code_ids, compile, cache_len))
 
 
 def speculative_accept(p_draft: torch.Tensor, q_draft: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
