@@ -55,6 +55,16 @@ def run_command(func, args) -> int:
         raise CommandFailed(message) from None
 
 
+def launcher_main(verb, argv: list[str] | None = None) -> int:
+    """`main` of a `python -m lumina_hf.<verb>` module, which launchers (accelerate, torchrun) start once per
+    process: the verb's own parser (`verb.build_parser()`), INFO logging with `--verbose`, errors as one line."""
+    args = verb.build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return run_command(verb.run, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

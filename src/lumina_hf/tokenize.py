@@ -5,19 +5,14 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_command
-    from .commands.tokenize import build_parser, run
+    from .cli import launcher_main
+    from .commands import tokenize as verb
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    return run_command(run, args)
+    return launcher_main(verb, argv)
 
 
 if __name__ == "__main__":
