@@ -1,15 +1,5 @@
 """Training: raw data -> tokenized `datasets` (images VQ-encoded once, offline), trainer, recipes."""
 
-from .data import (
-    OUTPUT_COLUMNS,
-    SKIP_REASONS,
-    TokenizeResult,
-    VQImageEncoder,
-    load_vq_model,
-    minimum_max_length,
-    output_features,
-    tokenize_dataset,
-)
 from .arguments import (
     DataArguments,
     LoraArguments,
@@ -19,10 +9,14 @@ from .arguments import (
     parse_recipe,
     recipe_keys,
 )
+from .chunks import OUTPUT_COLUMNS, output_features
 from .collator import LuminaMGPTDataCollator
+from .items import SKIP_REASONS, minimum_max_length
 from .mixture import build_datasets, synthetic_dataset
 from .runner import TrainingResult, build_peft_config, build_trainer, run_recipe
+from .tokenize import TokenizeResult, tokenize_dataset
 from .trainer import LuminaSFTTrainer, chunked_lm_loss
+from .vq import VQImageEncoder, load_vq_model
 
 __all__ = [
     "OUTPUT_COLUMNS",

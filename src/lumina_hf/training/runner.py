@@ -317,9 +317,9 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, callbacks=None) -> Trainin
     # the data is checked against the model's config before any weight is loaded
     config, processor = load_config_and_processor(recipe.model)
     if recipe.data.target_size is not None:
-        from .data import _with_target_size
+        from .items import with_target_size
 
-        processor = _with_target_size(processor, recipe.data.target_size)
+        processor = with_target_size(processor, recipe.data.target_size)
     vqgan_sha256 = model_vq_sha256(_resolve_folders(recipe.model)[0], training.seed)
     train_dataset, eval_dataset = build_datasets(recipe.data, training, config, processor, vqgan_sha256)
     model, processor = load_model_and_processor(recipe.model, recipe.lora, training)
