@@ -10,8 +10,9 @@ from before the model is loaded to just after; "generating" resets the kernel's 
 loaded (/proc/self/clear_refs) and reports its growth over the pre-load RSS after the last image: the held weights
 plus the generation's transients, what the planner predicts.
 
-GPU: `device_section(...)` (called by benchmarks/device_check.py) runs the same modes for a randomly initialised model
-of the published 7B config, with `torch.cuda.max_memory_allocated` as the peak.
+GPU: `device_section(...)` (called by benchmarks/device_check.py, section "memory") runs the same modes for a randomly
+initialised model of the published 7B config, with `torch.cuda.max_memory_allocated` as the peak; with `device="cpu"`
+and a tiny config it smoke-tests the same code on a CPU (no peak measured there).
 """
 
 import argparse
@@ -149,49 +150,96 @@ def _config_7b():
                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=5120)
 
 
-def device_section(size: int = 768, batch_size: int = 1, modes=GPU_MODES, seeds=(0, 1), max_steps: int | None = None,
-                   guidance_scale: float = 4.0, image_top_k: int = 2000, config=None, log=print) -> dict:
+def _mode_unavailable(mode: str, device: torch.device) -> str | None:
+    """Why `mode` cannot run here (a package is missing, or it needs a CUDA device), or None."""
+    import importlib.util
+
+    if mode not in GPU_MODES:
+        return f"unknown mode {mode!r} (modes: {', '.join(GPU_MODES)})"
+    if mode == "int4" and device.type != "cuda":
+        return "torchao int4 weight-only (Int4WeightOnlyConfig) needs a CUDA device"
+    if mode in ("int8", "int4") and importlib.util.find_spec("torchao") is None:
+        return 'torchao is not installed (pip install "lumina-hf[quantization]")'
+    if mode in ("model_offload", "sequential_offload", "device_map_2way"):
+        if device.type != "cuda":
+            return "offloads to a CUDA device: needs one"
+        if importlib.util.find_spec("accelerate") is None:
+            return "accelerate is not installed (pip install accelerate)"
+    return None
+
+
+def device_section(size: int = 768, batch_size: int = 1, modes=GPU_MODES, seeds=(0, 1),
+                   max_steps: int | dict | None = None, guidance_scale: float = 4.0, image_top_k: int = 2000,
+                   config=None, log=print, device: str = "cuda", before_mode=None, warmup_steps: int = 0) -> dict:
     """GPU rows of the memory table, for `benchmarks/device_check.py`: the published 7B config with random weights
     (seeded), `size` x `size` images, `batch_size` prompts per call, one call per seed.
 
     Modes: "bf16" (reference), "int8"/"int4" (torchao weight-only through `lumina_hf.quantization.quantize_in_place`),
     "model_offload" / "sequential_offload" (accelerate's `cpu_offload_with_hook` / `cpu_offload` with the GPU as the
     execution device, what the pipeline's `enable_*_cpu_offload` attach), "device_map_2way" (decoder layers split
-    between two GPUs when there are two, else half of them on the CPU; a layer is never split).
+    between two GPUs when there are two, else half of them on the CPU; a layer is never split). The model is built
+    as `from_pretrained` would load it: bf16, the VQGAN in float32 (what the planner assumes).
 
-    `max_steps` stops each generation after that many decoding steps (the slow offload modes), and the seconds per
-    image are extrapolated from the steps run; token agreement is then over those steps. Returns
-    `{"rows": [{"mode", "peak_bytes", "predicted_bytes", "s_per_image", "steps", "token_agreement", "psnr_db"|None,
-    "error"|absent}], "config": ..., "size": ..., "batch_size": ...}`; a mode that fails has "error" and no numbers.
+    `max_steps` (an int, or a dict mode -> steps; a mode not in it runs whole images) stops each generation after that
+    many decoding steps (the slow offload modes), and the seconds per image are extrapolated from the steps run (the
+    prefill included: an upper bound); token agreement is then over the steps all modes ran. `warmup_steps` > 0 runs
+    an untimed generation of that many steps first (first-call costs out of the timing). The peak is
+    `torch.cuda.max_memory_allocated` from after the model is built (quantized, placed) to the end of its last
+    generation, minus what was allocated before the mode started (another model held by the caller does not count).
+
+    `device="cpu"` (with a small `config`, e.g. `lumina_hf.testing_utils.tiny_config()`) smoke-tests the same code on
+    a CPU: no peak is measured there (None), and the modes that need CUDA are skipped. `before_mode(mode)` may return
+    a reason to skip a mode (the caller's time budget).
+
+    Returns `{"rows": [...], "config": ..., "size": ..., "batch_size": ..., "device": ...}`, a row per mode: `{"mode",
+    "peak_bytes" (None on CPU), "predicted_bytes", "s_per_image", "steps", "build_s", "token_agreement",
+    "agreement_steps", "reference", "psnr_db"|None, "placement" (device_map_2way)}`, or `{"mode", "skipped": reason}`
+    (not runnable here, or `before_mode` said so), or `{"mode", "error", "traceback"}` (it raised). Token agreement
+    and PSNR are against the first mode that ran (bf16 when it is in `modes`).
     """
     import gc
-
-    from accelerate import cpu_offload, cpu_offload_with_hook, dispatch_model
+    import traceback
 
     from lumina_hf import LuminaMGPTForConditionalGeneration, memory_estimate
     from lumina_hf.generation_lumina_mgpt import generate_image_tokens
 
     config = config or _config_7b()
-    device = torch.device("cuda")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     prompt = [0] + list(range(9300, 9340)) + [8710]  # 42 tokens standing for a tokenized caption
     prompts = [prompt] * batch_size
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
 
     def build():
         torch.manual_seed(0)
         with torch.device(device):
-            model = LuminaMGPTForConditionalGeneration(config).to(torch.bfloat16)
-        return model.eval()
+            model = LuminaMGPTForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        return model.eval().requires_grad_(False)
 
-    def run(model):
+    def steps_for(mode):
+        return max_steps.get(mode) if isinstance(max_steps, dict) else max_steps
+
+    def run(model, max_steps):
+        if warmup_steps:
+            with torch.no_grad():
+                generate_image_tokens(model, prompts[:1], height=size, width=size, guidance_scale=guidance_scale,
+                                      image_top_k=image_top_k, generator=torch.Generator(device).manual_seed(12345),
+                                      callback=lambda s, toks: s + 1 >= warmup_steps)
         seqs, steps_done, t_total = [], 0, 0.0
         for seed in seeds:
             gens = [torch.Generator(device).manual_seed(seed * 1000 + i) for i in range(batch_size)]
             stop = (lambda s, toks: s + 1 >= max_steps) if max_steps else None
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
-            out = generate_image_tokens(model, prompts, height=size, width=size, guidance_scale=guidance_scale,
-                                        image_top_k=image_top_k, generator=gens, callback=stop)
-            torch.cuda.synchronize()
+            with torch.no_grad():
+                out = generate_image_tokens(model, prompts, height=size, width=size, guidance_scale=guidance_scale,
+                                            image_top_k=image_top_k, generator=gens, callback=stop)
+            sync()
             t_total += time.perf_counter() - t
             seqs.append(out.sequences)
             steps_done += (max_steps if out.interrupted else out.sequences.shape[1] - 3)
@@ -199,62 +247,92 @@ def device_section(size: int = 768, batch_size: int = 1, modes=GPU_MODES, seeds=
         s_per_image = t_total / len(seeds) * (full / (steps_done / len(seeds))) / batch_size
         return seqs, s_per_image, steps_done // len(seeds)
 
-    def decode(model, seqs):
+    def decode(model, seqs, max_steps):
         if max_steps:
             return None
         f = size // 16
         grids = [s[:, 3:-1].view(-1, f, f + 1)[:, :, :f] for s in seqs]
-        return [model.decode_image_tokens(g).float().cpu() for g in grids]
+        with torch.no_grad():
+            return [model.decode_image_tokens(g).float().cpu() for g in grids]
 
     rows, ref = [], None
     for mode in modes:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
         row = {"mode": mode}
+        reason = _mode_unavailable(mode, device) or (before_mode(mode) if before_mode else None)
+        if reason:
+            row["skipped"] = reason
+            log(json.dumps(row))
+            rows.append(row)
+            continue
+        model = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device) if cuda else 0
         try:
             quant = mode if mode in ("int8", "int4") else None
             est = memory_estimate(config, size, size, batch_size, torch.bfloat16, quant, guidance=guidance_scale != 1.0,
                                   prompt_length=len(prompt))
+            t_build = time.perf_counter()
             model = build()
             if quant:
                 from lumina_hf.quantization import quantize_in_place
 
                 quantize_in_place(model, quant)
             elif mode == "model_offload":
+                from accelerate import cpu_offload_with_hook
+
                 model.to("cpu")
                 cpu_offload_with_hook(model, device)
             elif mode == "sequential_offload":
+                from accelerate import cpu_offload
+
                 model.to("cpu")
                 cpu_offload(model, execution_device=device)
             elif mode == "device_map_2way":
+                from accelerate import dispatch_model
+
                 n = config.num_hidden_layers
-                second = 1 if torch.cuda.device_count() > 1 else "cpu"
-                device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.vqmodel": 0,
-                              "model.norm": second, "lm_head": second}
-                device_map.update({f"model.layers.{i}": (0 if i < n // 2 else second) for i in range(n)})
+                second = device.index + 1 if torch.cuda.device_count() > device.index + 1 else "cpu"
+                device_map = {"model.embed_tokens": device.index, "model.rotary_emb": device.index,
+                              "model.vqmodel": device.index, "model.norm": second, "lm_head": second}
+                device_map.update({f"model.layers.{i}": (device.index if i < n // 2 else second) for i in range(n)})
                 model.to("cpu")
-                model = dispatch_model(model, device_map=device_map, main_device=0)
-            torch.cuda.reset_peak_memory_stats()
-            seqs, s_per_image, steps = run(model)
-            pixels = decode(model, seqs)
-            row.update(peak_bytes=torch.cuda.max_memory_allocated(), predicted_bytes=est.peak,
-                       s_per_image=s_per_image, steps=steps)
+                model = dispatch_model(model, device_map=device_map, main_device=device.index)
+                where = "the CPU" if second == "cpu" else f"GPU {second}"
+                row["placement"] = f"layers {n // 2}-{n - 1}, norm and head on {where}"
+            sync()
+            row["build_s"] = time.perf_counter() - t_build
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            seqs, s_per_image, steps = run(model, steps_for(mode))
+            pixels = decode(model, seqs, steps_for(mode))
+            row.update(peak_bytes=torch.cuda.max_memory_allocated(device) - base if cuda else None,
+                       predicted_bytes=est.peak, s_per_image=s_per_image, steps=steps)
             if ref is None:
-                ref = (seqs, pixels)
-            agree = [float((a == b).float().mean()) for a, b in zip(seqs, ref[0])]
-            row["token_agreement"] = sum(agree) / len(agree)
+                ref = (seqs, pixels, steps, mode)
+            # over the image tokens both generated (the 3-token prefix is the same for every mode)
+            n = min(steps, ref[2])
+            agree = [float((a[:, 3:3 + n] == b[:, 3:3 + n]).float().mean()) for a, b in zip(seqs, ref[0])]
+            row.update(token_agreement=sum(agree) / len(agree), agreement_steps=n, reference=ref[3])
             if pixels is not None and ref[1] is not None:
                 row["psnr_db"] = float(np.mean([psnr(((a + 1) / 2).numpy(), ((b + 1) / 2).numpy())
                                                 for a, b in zip(pixels, ref[1])]))
             else:
                 row["psnr_db"] = None
-            del model
         except Exception as err:  # noqa: BLE001 - one failing mode must not hide the others' numbers
             row["error"] = f"{type(err).__name__}: {err}"
-        log(json.dumps(row))
+            row["traceback"] = traceback.format_exc(limit=8)
+        finally:
+            model = None
+        log(json.dumps({k: v for k, v in row.items() if k != "traceback"}))
         rows.append(row)
-    return {"rows": rows, "config": "7B (published config, random weights)", "size": size, "batch_size": batch_size}
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    name = ("7B (published config, random weights)" if config.hidden_size == 4096
+            else f"random (hidden {config.hidden_size}, {config.num_hidden_layers} layers)")
+    return {"rows": rows, "config": name, "size": size, "batch_size": batch_size, "device": str(device)}
 
 
 def main():

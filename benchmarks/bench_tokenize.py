@@ -9,9 +9,10 @@ items/s is the report's figure for the work loop (decode + VQ encode + write of 
 processes; process start-up and the final merge are not in it); the wall column is the whole command. On a shared
 machine the best of several runs is the least disturbed one.
 
-`device_section(out, budget_s)` is the GPU part (for `benchmarks/device_check.py`): items/s of `tokenize_dataset` in
-this process for the Chameleon-sized VQGAN (random weights) at target size 768, decoding in worker processes and
-encoding from pinned memory, with the decode/encode time shares; it sizes its runs to fit `budget_s`.
+`device_section(out, budget_s)` is the GPU part (for `benchmarks/device_check.py`, section "tokenize"): items/s of
+`tokenize_dataset` in this process for the Chameleon-sized VQGAN (random weights) at target size 768, decoding in
+worker processes and encoding from pinned memory, with the decode/encode time shares; it sizes its runs to fit
+`budget_s`. Without datasets/TRL (as on the GPU machine) it measures the VQ encode alone.
 """
 
 from __future__ import annotations
@@ -91,12 +92,51 @@ def cpu_table(n: int, targets: list[int], repeats: int, chunk: int, batch: int) 
     return rows
 
 
-def device_section(out: dict, budget_s: float, device: str = "cuda", target: int = 768, vq_config: dict | None = None) -> dict:
+def _encode_only(vqgan, device: str, target: int, seconds: float, max_images: int, batch: int = 16) -> dict:
+    """Images/s of the VQ encode alone (`encode_to_codes`) on `batch` random `target` x `target` images from pinned
+    host memory, the codes read back: the device part of tokenization, measured without `tokenize_dataset`. Two
+    warm-up batches, then batches for about `seconds` (at least 2, at most `max_images` images)."""
+    import torch
+
+    dev = torch.device(device)
+    vqgan = vqgan.to(dev)
+    g = torch.Generator().manual_seed(0)
+    host = torch.rand((batch, 3, target, target), generator=g) * 2 - 1
+    if dev.type == "cuda":
+        host = host.pin_memory()
+
+    def step():
+        with torch.no_grad():
+            codes = vqgan.encode_to_codes(host.to(dev, non_blocking=True))
+        return codes.cpu()  # the read-back synchronizes
+
+    for _ in range(2):  # warm-up: kernel selection, allocator
+        codes = step()
+    t0 = time.perf_counter()
+    n = 0
+    while n < 2 or (time.perf_counter() - t0 < seconds and (n + 1) * batch <= max_images):
+        step()
+        n += 1
+    dt = time.perf_counter() - t0
+    return {"images": n * batch, "batch": batch, "images_per_second": n * batch / dt,
+            "seconds_per_image": round(dt / (n * batch), 5), "codes_shape": list(codes.shape)}
+
+
+def device_section(out: dict, budget_s: float, device: str = "cuda", target: int = 768, vq_config: dict | None = None,
+                   max_items: int = 2048, num_workers: int | None = None) -> dict:
     """GPU throughput of offline tokenization: `tokenize_dataset` in this process with the Chameleon-sized VQGAN
     (random weights, fp32) at target size 768, on the default CUDA device. Writes `out["tokenize"]`: a warm-up
-    measurement, then one timed run sized to about half of what is left of `budget_s`, reporting items/s, seconds
-    per item decode (in worker processes) vs VQ encode, and the shares. Skips (with a reason) without CUDA or time.
-    `device`, `target` and `vq_config` (fields of `LuminaMGPTVQConfig`) exist to smoke-test it on a CPU."""
+    measurement, then one timed run (at most `max_items` items) sized to about half of what is left of `budget_s` (one
+    chunk of 64 items at least, when that fits in what is left), reporting items/s, seconds per item decode (in worker
+    processes) vs VQ encode, and the shares. The source images
+    are a pool of 32 JPEGs repeated (each item is still decoded and encoded; making thousands would take longer than
+    the measurement). Skips (with a reason) without CUDA or time. `tokenize_dataset` needs datasets and TRL
+    (`lumina_hf.training` imports both): without them it writes the reason to `"skipped"` and measures the VQ encode
+    alone (`"encode_only"`: images/s of `encode_to_codes` on batches of 16 from pinned memory).
+    `device`, `target`, `vq_config` (fields of `LuminaMGPTVQConfig`) and `num_workers` (default: up to 8 decoding
+    processes; 0 decodes in this process) exist to smoke-test it on a CPU."""
+    import importlib.util
+
     import torch
 
     result: dict = {"setting": f"{'Chameleon-sized' if vq_config is None else 'small'} VQGAN (random weights), "
@@ -106,32 +146,43 @@ def device_section(out: dict, budget_s: float, device: str = "cuda", target: int
     if device == "cuda" and not torch.cuda.is_available():
         result["skipped"] = "no CUDA device"
         return out
-    from datasets import Dataset, Image
 
     from lumina_hf.configuration_lumina_mgpt import LuminaMGPTVQConfig
     from lumina_hf.modeling_vqgan import LuminaMGPTVQGAN
+
+    torch.manual_seed(0)
+    config = LuminaMGPTVQConfig(**(vq_config or {}))
+    vqgan = LuminaMGPTVQGAN._from_config(config).float().eval()
+    missing = [name for name in ("datasets", "trl") if importlib.util.find_spec(name) is None]
+    if missing:
+        result["skipped"] = (f"{' and '.join(missing)} not installed: tokenize_dataset needs datasets and TRL "
+                             "(lumina_hf.training imports them); the VQ encode alone was measured instead")
+        left = budget_s - (time.perf_counter() - t_start)
+        result["encode_only"] = _encode_only(vqgan, device, target, max(1.0, 0.5 * left), max_items)
+        return out
+
+    from datasets import Dataset, Image
+
     from lumina_hf.testing_utils import build_tiny_processor, tiny_vocabulary
     from lumina_hf.training import tokenize_dataset
     from lumina_hf.training.vq import VQImageEncoder
     from lumina_hf.unirep import image_code_table
 
-    torch.manual_seed(0)
-    config = LuminaMGPTVQConfig(**(vq_config or {}))
-    vq = VQImageEncoder(LuminaMGPTVQGAN._from_config(config).float(), image_code_table(tiny_vocabulary(), config.num_embeddings))
+    vq = VQImageEncoder(vqgan, image_code_table(tiny_vocabulary(), config.num_embeddings))
     processor = build_tiny_processor(target)
     rng = np.random.RandomState(0)
+    pool = []
+    for i in range(32):
+        fw, fh = SIZES[i % len(SIZES)]
+        buf = io.BytesIO()
+        side = target * 1.1
+        PIL.Image.fromarray(rng.randint(0, 256, (int(side * fh), int(side * fw), 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        pool.append(buf.getvalue())
 
     def images(k):
-        out_images = []
-        for i in range(k):
-            fw, fh = SIZES[i % len(SIZES)]
-            buf = io.BytesIO()
-            side = target * 1.1
-            PIL.Image.fromarray(rng.randint(0, 256, (int(side * fh), int(side * fw), 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-            out_images.append({"bytes": buf.getvalue(), "path": None})
-        return out_images
+        return [{"bytes": pool[i % len(pool)], "path": None} for i in range(k)]
 
-    workers = min(8, os.cpu_count() or 1)
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     with tempfile.TemporaryDirectory() as tmp:
         def run(k: int, name: str) -> dict:
             ds = Dataset.from_dict({"image": images(k), "text": [f"image {i}" for i in range(k)]}).cast_column("image", Image())
@@ -143,7 +194,10 @@ def device_section(out: dict, budget_s: float, device: str = "cuda", target: int
         warm = run(32, "warm")
         result["warmup"] = {"items": warm["items"], "items_per_second": warm["items_per_second"]}
         left = budget_s - (time.perf_counter() - t_start)
-        k = int(min(2048, max(0, 0.5 * left * (warm["items_per_second"] or 0))) // 64 * 64)
+        rate = warm["items_per_second"] or 0
+        k = int(min(max_items, max(0, 0.5 * left * rate)) // 64 * 64)
+        if k < 64 and rate and 64 / rate <= 0.8 * left:  # one chunk still fits in what is left
+            k = 64
         if k < 64:
             result["skipped"] = f"budget: {left:.0f} s left after the warm-up"
             return out

@@ -17,8 +17,16 @@ Sections, in order (each one guarded: a failure becomes a row of the table and t
   speculative      speculative decoding: cost of a window forward (1, 8, 16, 32 tokens), the time per image it
                    projects with the nano model's measured acceptance, greedy tokens equal to plain decoding,
                    one whole image at window 16
+  memory           bench_memory.device_section: bf16, int8, int4 (torchao), model_offload, device_map_2way on a fresh
+                   random 7B each at 768, batch 1: peak memory next to the planner's prediction (memory_estimate)
+                   and their ratio (target: within 15%), s/image extrapolated from a few steps, token agreement
+                   with bf16; sequential_offload left out (minutes per image); a missing package is a skipped row
+  tokenize         bench_tokenize.device_section: tokenize_dataset items/s with the Chameleon-sized VQGAN at 768,
+                   decode vs encode shares; without datasets/TRL (the GPU machine) the VQ encode alone
 
-Later issues add sections (speculative decoding, quantization) with the `@section` decorator: a function
+Sections come in this order; on a GPU the estimates of all of them add up to more than the default budget, so
+when the earlier ones take as long as estimated the last ones are skipped (`--sections memory,tokenize` runs those
+two alone: they build their own models). Later issues add sections with the `@section` decorator: a function
 `fn(ctx)` that calls `ctx.add(...)` for each row. Decode timings run a fixed number of steps twice (stopped
 by the step callback) and extrapolate the per-step time to a whole image; the table says so.
 
@@ -28,8 +36,10 @@ take: a section or case whose estimate does not fit in what is left is skipped (
 watchdog ends the run `--grace-s` after the budget whatever happens.
 
 Needs torch, transformers, safetensors, tokenizers and peft (lora section); pytest for pytest_cuda; diffusers
-and accelerate only for the pipeline tests. `--wheels DIR` (default: `.whl/` at the repository root, when
-present) installs missing ones from local wheel files first; see benchmarks/README.md.
+only for the pipeline tests; accelerate for the pipeline tests and memory's offload modes, torchao for memory's
+int8/int4 rows (each a skipped row without it); datasets and TRL for tokenize's tokenize_dataset row. `--wheels DIR`
+(default: `.whl/` at the repository root, when present) installs missing ones from local wheel files first; see
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -752,6 +762,130 @@ def speculative(ctx):
         _guarded(ctx, case, whole)
 
 
+def _benchmark_module(name: str):
+    """A module of benchmarks/ (bench_memory, bench_tokenize), loaded from its file: this script runs as a script or
+    through runpy, so benchmarks/ need not be on sys.path."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+# The memory section's modes and their decoding steps on the GPU (seconds per image are extrapolated from them):
+# device_map_2way on one GPU reads half the decoder layers from CPU memory at every step, so it gets few steps.
+MEMORY_MODES = ("bf16", "int8", "int4", "model_offload", "device_map_2way")
+MEMORY_STEPS = {"bf16": 32, "int8": 32, "int4": 32, "model_offload": 32, "device_map_2way": 6}
+# (GPU, dry run) seconds per mode: build a random 7B on the GPU, quantize or move it, warm up, time the steps
+MEMORY_MODE_ESTIMATES = {"bf16": (10, 1), "int8": (15, 1), "int4": (20, 1), "model_offload": (20, 1),
+                         "device_map_2way": (30, 1)}
+PLANNER_TOLERANCE = 0.15  # the planner should be within 15% of the measured peak on a GPU
+
+
+@section("memory", estimate=(95, 4))
+def memory(ctx):
+    """Memory-saving modes (bf16, int8, int4, model_offload, device_map_2way) on a fresh random 7B each
+    (`benchmarks/bench_memory.py device_section`): peak memory next to the planner's prediction
+    (`lumina_hf.memory_estimate`) and their ratio, s/image extrapolated from a few decoding steps, token agreement
+    with bf16. A mode whose package is missing (torchao, accelerate), that needs CUDA (dry run), or that errors is a
+    skipped row with the reason. sequential_offload is left out: it moves every layer to the GPU at every step, so
+    even a few steps of a 7B take minutes (run it with bench_memory.device_section directly)."""
+    import torch
+
+    bench = _benchmark_module("bench_memory")
+    if ctx.dry_run:
+        from lumina_hf.testing_utils import tiny_config
+
+        kw = dict(config=tiny_config(), device="cpu", max_steps=8)
+    else:
+        kw = dict(device=str(ctx.device), max_steps=MEMORY_STEPS)
+
+    def before_mode(mode: str) -> str | None:
+        need = MEMORY_MODE_ESTIMATES[mode][1 if ctx.dry_run else 0]
+        if need > ctx.remaining():
+            return f"budget: needs ~{need:.0f} s, {max(ctx.remaining(), 0):.0f} s left"
+        return None
+
+    size = ctx.plan.size
+    result = bench.device_section(size=size, modes=MEMORY_MODES, seeds=(0,), warmup_steps=2, log=lambda line: None,
+                                  before_mode=before_mode, **kw)
+    ctx.info["memory_model"] = result["config"]
+    for row in result["rows"]:
+        mode = row["mode"]
+        case = f"{mode}, {size}x{size}, batch 1"
+        if "skipped" in row:
+            ctx.add(case=case, status="skipped", notes=row["skipped"])
+            continue
+        if "error" in row:
+            ctx.add(case=case, status="skipped", notes=f"error: {row['error'][:300]}", traceback=row.get("traceback"))
+            continue
+        predicted = row["predicted_bytes"]
+        peak = row["peak_bytes"]
+        notes = []
+        if peak is None:
+            notes.append(f"planner {predicted / 2**30:.3g} GiB; peak not measured on {ctx.device.type}")
+        elif mode in ("bf16", "int8", "int4", "model_offload"):
+            ratio = peak / predicted
+            verdict = "within" if abs(ratio - 1) <= PLANNER_TOLERANCE else "OUTSIDE"
+            notes.append(f"planner {predicted / 2**30:.2f} GiB, measured/planner {ratio:.3f} ({verdict} "
+                         f"{PLANNER_TOLERANCE:.0%})")
+        else:  # part of the model lives elsewhere: the planner's figure is for all of it on one device
+            notes.append(f"planner {predicted / 2**30:.2f} GiB for the whole model on one device (not comparable: "
+                         f"{row.get('placement', 'split')}), measured/planner {peak / predicted:.3f}")
+        notes.append(f"s/image extrapolated from {row['steps']} steps (after a 2-step warm-up, prefill included)")
+        if mode != row.get("reference"):
+            notes.append(f"token agreement with {row['reference']} {row['token_agreement']:.3f} over "
+                         f"{row['agreement_steps']} steps")
+        notes.append(f"built in {row['build_s']:.1f} s" + (f"; {row['placement']}" if "placement" in row else ""))
+        ctx.add(case=case, batch=1, s_per_image=row["s_per_image"],
+                peak_gib=None if peak is None else peak / 2**30, predicted_gib=predicted / 2**30,
+                notes="; ".join(notes))
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@section("tokenize", estimate=(45, 10))
+def tokenize(ctx):
+    """Offline tokenization throughput (`benchmarks/bench_tokenize.py device_section`): `tokenize_dataset` items/s
+    with the Chameleon-sized VQGAN (random weights) at target 768, decode vs encode shares; without datasets/TRL (as
+    on the GPU machine) the VQ encode alone, images/s on batches of 16."""
+    bench = _benchmark_module("bench_tokenize")
+    if ctx.dry_run:
+        from lumina_hf.testing_utils import tiny_config
+
+        kw = dict(device="cpu", target=32, vq_config=tiny_config().vq_config.to_diff_dict(), num_workers=0,
+                  max_items=64, budget_s=12.0)
+    else:  # tokenize_dataset picks the default CUDA device
+        kw = dict(device="cuda", max_items=512, budget_s=max(10.0, min(40.0, ctx.remaining() - 5)))
+    out: dict = {}
+    bench.device_section(out, **kw)
+    r = out["tokenize"]
+    setting = r["setting"]
+    if "items_per_second" in r:
+        ctx.add(case=f"tokenize_dataset: {setting}", batch=16, s_per_image=1 / r["items_per_second"],
+                peak_gib=r.get("peak_memory_gb"),
+                notes=f"{r['items_per_second']:.1f} items/s over {r['items']} items, {r['decode_workers']} decode "
+                      f"workers; per item decode {r['decode_seconds_per_item']:.2e} s, VQ encode "
+                      f"{r['encode_seconds_per_item']:.2e} s; shares decode {r['decode_share']}, encode "
+                      f"{r['encode_share']}; warm-up {r['warmup']['items_per_second']:.1f} items/s; s/image = per item"
+                      + ("; peak: torch.cuda.max_memory_allocated, the models earlier sections hold included"
+                         if r.get("peak_memory_gb") is not None else ""))
+    if "skipped" in r:
+        warm = f" (warm-up {r['warmup']['items_per_second']:.1f} items/s)" if "warmup" in r else ""
+        ctx.add(case=f"tokenize_dataset: {setting}", status="skipped", notes=r["skipped"] + warm)
+    if "encode_only" in r:
+        e = r["encode_only"]
+        ctx.add(case=f"VQ encode only: {setting}", batch=e["batch"], s_per_image=e["seconds_per_image"],
+                notes=f"{e['images_per_second']:.1f} images/s over {e['images']} images (after 2 warm-up batches), "
+                      f"pinned host memory -> device -> codes read back; codes {tuple(e['codes_shape'])}")
+
+
 # ---------------------------------------------------------------------- running
 def _guarded(ctx, case: str, fn) -> None:
     """Run `fn`; an exception becomes a failed row (with its traceback in the JSON) and the run goes on."""
@@ -819,7 +953,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="folder for device_check.md, device_check.json and the pytest log")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="seconds the sections may take (default 420 on a GPU, 110 for --dry-run); sections or "
+                    help="seconds the sections may take (default 420 on a GPU, 130 for --dry-run); sections or "
                          "cases that would not fit are skipped")
     ap.add_argument("--grace-s", type=float, default=45.0, help="the watchdog stops the run this long after the budget")
     ap.add_argument("--dry-run", action="store_true", help="the same code on CPU with the tiny model and small step counts")
@@ -836,7 +970,7 @@ def main(argv=None) -> int:
     if not args.out:
         ap.error("--out DIR is required: the folder for device_check.md and device_check.json")
     if args.budget_s is None:
-        args.budget_s = 110.0 if args.dry_run else 420.0
+        args.budget_s = 130.0 if args.dry_run else 420.0
     selected_sections(args)  # unknown names fail here, before any work
     import torch
 

@@ -85,7 +85,8 @@ def test_dry_run_measures_every_section(dry_run):
     for row in rows:
         by_section.setdefault(row["section"], []).append(row)
     assert report["meta"]["sections"] == ["environment", "pytest_cuda", "model", "bandwidth", "decode_eager",
-                                          "reference_loop", "lora", "decode_compiled", "speculative"]
+                                          "reference_loop", "lora", "decode_compiled", "speculative", "memory",
+                                          "tokenize"]
     assert set(report["meta"]["sections"]) <= set(by_section)
     assert not [r for r in rows if r["status"] == "failed"], [r for r in rows if r["status"] == "failed"]
 
@@ -123,10 +124,47 @@ def test_dry_run_measures_every_section(dry_run):
     assert any(case.startswith("greedy tokens equal") for case in spec)
     assert any(case.startswith("whole ") and r["s_per_image"] > 0 for case, r in spec.items())
 
+    # memory: every mode has its row; bf16 ran (planner figure, extrapolated s/image, no peak invented on a CPU);
+    # the modes that need CUDA say so; int8 ran or says torchao is missing
+    memory = {r["case"].split(",")[0]: r for r in by_section["memory"]}
+    assert list(memory) == ["bf16", "int8", "int4", "model_offload", "device_map_2way"], list(memory)
+    assert all(r["status"] in ("ok", "skipped") and r["notes"] for r in memory.values()), memory
+    bf16 = memory["bf16"]
+    assert bf16["status"] == "ok" and bf16["s_per_image"] > 0 and bf16["predicted_gib"] > 0
+    assert bf16["peak_gib"] is None and "peak not measured on cpu" in bf16["notes"] and "extrapolated" in bf16["notes"]
+    for mode in ("int4", "model_offload", "device_map_2way"):
+        assert memory[mode]["status"] == "skipped" and "CUDA" in memory[mode]["notes"], memory[mode]
+    int8 = memory["int8"]
+    assert ((int8["status"] == "ok" and "token agreement with bf16" in int8["notes"])
+            or (int8["status"] == "skipped" and "torchao is not installed" in int8["notes"])), int8
+    assert "sequential_offload" not in memory  # slow: left out of the check (the section's docstring says so)
+
+    # tokenize: datasets and TRL are blocked here, as on the GPU machine: tokenize_dataset is a skipped row that
+    # says why, and the VQ encode alone is measured
+    tokenize = by_section["tokenize"]
+    assert [r["status"] for r in tokenize] == ["skipped", "ok"], tokenize
+    assert tokenize[0]["case"].startswith("tokenize_dataset: ") and "datasets and trl not installed" in tokenize[0]["notes"]
+    assert tokenize[1]["case"].startswith("VQ encode only: ") and tokenize[1]["s_per_image"] > 0
+    assert "images/s" in tokenize[1]["notes"]
+
     # one markdown table holding every row of the JSON
     table = [line for line in markdown.splitlines() if line.startswith("|")]
     assert table[0].startswith("| Section | Case | Status |") and set(table[1]) <= set("|-")
     assert len(table) == 2 + len(rows)
+
+
+def test_tokenize_section_runs_tokenize_dataset_where_datasets_and_trl_are_installed(tmp_path):
+    """The tokenize section's main path (the dry run above blocks datasets and TRL, so it measures the encode alone)."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("trl")
+    proc = run_python(f"import runpy, sys; sys.argv = ['x', '--out', {str(tmp_path)!r}, '--dry-run', '--sections', "
+                      f"'tokenize']; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in json.loads((tmp_path / "device_check.json").read_text())["rows"] if r["section"] == "tokenize"]
+    assert [r["status"] for r in rows] == ["ok"], rows
+    (row,) = rows
+    assert row["case"].startswith("tokenize_dataset: small VQGAN") and row["s_per_image"] > 0
+    assert "items/s over 64 items" in row["notes"] and "VQ encode" in row["notes"]
 
 
 def test_budget_skips_what_does_not_fit(tmp_path):
