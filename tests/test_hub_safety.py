@@ -105,14 +105,21 @@ CASES = {
 }
 
 
+def planted_folder(case, pipeline_dir, tmp_path, monkeypatch):
+    """A copy of the pipeline folder with the case's secret planted (a link may point into `tmp_path/outside`), and
+    the push token in the environment."""
+    folder = copy_of(pipeline_dir, tmp_path / "pipe")
+    (tmp_path / "outside").mkdir()
+    CASES[case][0](folder, tmp_path / "outside")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return folder
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_planted_token_is_left_out_of_a_push_and_its_dry_run(case, pipeline_dir, tmp_path, monkeypatch, capsys, caplog):
     caplog.set_level(logging.DEBUG)
-    plant, left_out, _, _ = CASES[case]
-    folder = copy_of(pipeline_dir, tmp_path / "pipe")
-    (tmp_path / "outside").mkdir()
-    plant(folder, tmp_path / "outside")
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    _, left_out, _, _ = CASES[case]
+    folder = planted_folder(case, pipeline_dir, tmp_path, monkeypatch)
     with FakeHub(TOKEN) as hub:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
         result = lhub.push_to_hub_folder(folder, REPO, token=TOKEN, endpoint=hub.url)
@@ -131,11 +138,8 @@ def test_planted_token_is_left_out_of_a_push_and_its_dry_run(case, pipeline_dir,
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_planted_token_included_is_refused_by_push_and_dry_run_alike(case, pipeline_dir, tmp_path, monkeypatch, capsys):
-    plant, _, pattern, refusal = CASES[case]
-    folder = copy_of(pipeline_dir, tmp_path / "pipe")
-    (tmp_path / "outside").mkdir()
-    plant(folder, tmp_path / "outside")
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    _, _, pattern, refusal = CASES[case]
+    folder = planted_folder(case, pipeline_dir, tmp_path, monkeypatch)
     with FakeHub(TOKEN) as hub:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
         with pytest.raises(lhub.PublishInputError) as err:
