@@ -162,6 +162,7 @@ def speculative_samples(model, seed, **options):
     return out
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize(
     "options", [{}, {"coupling": "maximal", "draft_init": "random"}, {"coupling": "independent", "draft_init": "left"}],
     ids=["default", "maximal-random", "independent-left"],
@@ -177,6 +178,7 @@ def test_sampled_distribution_equals_plain_sampling(model, plain_samples, option
     assert min(pvals) > STAT_ALPHA / len(pvals), pvals
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize(
     "wrong",
     [
