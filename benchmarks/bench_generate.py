@@ -29,7 +29,10 @@ from lumina_hf.testing_utils import build_tiny_model, build_tiny_processor
 from lumina_hf.unirep import UniRepLayout
 
 
-def plain_loop(model, prompt, height, width, guidance=4.0, top_k=2000, generator=None):
+def plain_loop_steps(model, prompt, height, width, guidance=4.0, top_k=2000, generator=None):
+    """The reference's loop, one image token per `next()`: per step, guidance from two batch-1 forwards (each with
+    its own dynamic cache), full-vocabulary logits, grid mask, top-k, softmax, multinomial, the token read back on
+    the host. The prompt's forwards run at the first `next()`."""
     cfg = model.config
     dev = model.device
     rows, cols = height // 16, width // 16
@@ -38,9 +41,7 @@ def plain_loop(model, prompt, height, width, guidance=4.0, top_k=2000, generator
     cond_cache, unc_cache = DynamicCache(config=cfg), DynamicCache(config=cfg)
     cond = model(torch.tensor([list(prompt) + prefix], device=dev), cache=cond_cache, use_cache=True).logits[0, -1]
     unc = model(torch.tensor([prefix], device=dev), cache=unc_cache, use_cache=True).logits[0, -1]
-    out = []
-    total = rows * (cols + 1)
-    for pos in range(total):
+    for pos in range(rows * (cols + 1)):
         logits = (unc + guidance * (cond - unc)).float()
         mask = torch.full_like(logits, float("-inf"))
         if pos % (cols + 1) == cols:
@@ -51,11 +52,16 @@ def plain_loop(model, prompt, height, width, guidance=4.0, top_k=2000, generator
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
         token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-        out.append(int(token))
+        yield int(token)
         t = token.view(1, 1)
         cond = model(t, cache=cond_cache, use_cache=True).logits[0, -1]
         unc = model(t, cache=unc_cache, use_cache=True).logits[0, -1]
-    return out + [cfg.image_end_token_id]
+
+
+def plain_loop(model, prompt, height, width, guidance=4.0, top_k=2000, generator=None):
+    """The whole image by the reference's loop: its tokens after the size tokens, the end token included."""
+    steps = plain_loop_steps(model, prompt, height, width, guidance, top_k, generator)
+    return list(steps) + [model.config.image_end_token_id]
 
 
 @torch.no_grad()

@@ -546,40 +546,20 @@ def decode_eager(ctx):
 def reference_loop(ctx):
     """The reference's loop: per step, guidance from two batch-1 forwards (each with its own dynamic cache),
     full-vocabulary logits, grid mask, top-k, softmax, multinomial, the token read back on the host."""
-    from lumina_hf.unirep import UniRepLayout
     import torch
-    from transformers import DynamicCache
 
+    from lumina_hf.unirep import UniRepLayout
 
     model, size, steps = ctx.model, ctx.plan.size, ctx.plan.reference_steps
-    cfg = model.config
-    dev = ctx.device
-    cols = size // 16
-    codes = torch.tensor(cfg.image_code_to_token_id(), device=dev)
-    prefix = [cfg.image_start_token_id, cfg.size_token_id(size // 32), cfg.size_token_id(size // 32)]
-    gen = torch.Generator(dev).manual_seed(0)
+    plain = _benchmark_module("bench_generate")
+    gen = torch.Generator(ctx.device).manual_seed(0)
     reset_peak(ctx)
     with torch.no_grad():
-        cond_cache, unc_cache = DynamicCache(config=cfg), DynamicCache(config=cfg)
-        cond = model(torch.tensor([prompt_ids(0) + prefix], device=dev), cache=cond_cache, use_cache=True).logits[0, -1]
-        unc = model(torch.tensor([prefix], device=dev), cache=unc_cache, use_cache=True).logits[0, -1]
-        sync(ctx)
+        tokens = plain.plain_loop_steps(model, prompt_ids(0), size, size, guidance=4.0, top_k=2000, generator=gen)
         times = []
-        for pos in range(steps):
+        for _ in range(steps):  # the first step also runs the prompt's forwards: it is among the warm-up steps
             t = time.perf_counter()
-            logits = (unc + 4.0 * (cond - unc)).float()
-            mask = torch.full_like(logits, float("-inf"))
-            if pos % (cols + 1) == cols:
-                mask[cfg.image_row_end_token_id] = 0
-            else:
-                mask[codes] = 0
-            logits = logits + mask
-            kth = torch.topk(logits, 2000).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-            t_in = torch.tensor([[token]], device=dev)
-            cond = model(t_in, cache=cond_cache, use_cache=True).logits[0, -1]
-            unc = model(t_in, cache=unc_cache, use_cache=True).logits[0, -1]
+            next(tokens)
             times.append(time.perf_counter() - t)
     sync(ctx)
     skip = min(10, steps // 4)  # the first steps warm up kernels and caches

@@ -152,6 +152,11 @@ class PlanEntry:
         return n * self.dtype.itemsize
 
 
+def _first_names(names: list[str], most: int = 5) -> str:
+    """The first `most` tensor names for a message, with " ..." when there are more."""
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
+
+
 def check_and_plan(
     expected: dict[str, tuple[int, ...]],
     tensors: dict[str, TensorInfo],
@@ -165,16 +170,16 @@ def check_and_plan(
     ignored = sorted(k for k in tensors if k.startswith(VQ_PREFIX) or k.endswith("rotary_emb.inv_freq"))
     if ignored:
         logger.info("ignoring %d checkpoint tensors (the VQGAN comes from --vqgan; rotary buffers are recomputed): %s",
-                    len(ignored), ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+                    len(ignored), _first_names(ignored))
     unexpected = sorted(k for k in tensors if k not in lm_expected and k not in ignored)
     if unexpected:
         raise ValueError(
-            f"the checkpoint holds tensors this architecture does not have: {', '.join(unexpected[:5])}"
-            f"{' ...' if len(unexpected) > 5 else ''} (config.json and the weights disagree)."
+            f"the checkpoint holds tensors this architecture does not have: {_first_names(unexpected)}"
+            f" (config.json and the weights disagree)."
         )
     missing = [k for k in lm_expected if k not in tensors]
     if missing:
-        raise ValueError(f"the checkpoint lacks tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}.")
+        raise ValueError(f"the checkpoint lacks tensor(s) {_first_names(missing)}.")
     for key, shape in lm_expected.items():
         if tensors[key].shape != shape:
             raise ValueError(
@@ -183,7 +188,7 @@ def check_and_plan(
             )
     vq_missing = [k for k in vq_expected if k not in vq_state]
     if vq_missing:
-        raise ValueError(f"vqgan.ckpt lacks VQGAN tensor(s) {', '.join(vq_missing[:5])}{' ...' if len(vq_missing) > 5 else ''} (or vqgan.yaml does not describe it).")
+        raise ValueError(f"vqgan.ckpt lacks VQGAN tensor(s) {_first_names(vq_missing)} (or vqgan.yaml does not describe it).")
     vq_unexpected = sorted(k for k in vq_state if k not in vq_expected)
     if vq_unexpected:
         raise ValueError(f"vqgan.ckpt holds tensors vqgan.yaml does not describe: {', '.join(vq_unexpected[:5])}.")
